@@ -1,0 +1,51 @@
+"""hpr_peft: Householder Pseudo-Rotation (HPR) activation editing as a PEFT tuner.
+
+``import hpr_peft`` registers the ``HPR`` PEFT type, so that ``get_peft_model``,
+``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM`` know it. Heavier parts of the API
+(fitting, evaluation, Hub helpers) are imported lazily on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from hpr_peft.config import HPRConfig
+from hpr_peft.layer import HPRLayer
+from hpr_peft.model import HPRModel, register_hpr
+
+register_hpr()
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first access)
+_LAZY_EXPORTS: dict[str, str] = {
+    "edit_settings": "hpr_peft.control",
+    "monitor": "hpr_peft.control",
+    "ContrastivePair": "hpr_peft.data",
+    "MCQuestion": "hpr_peft.data",
+    "load_truthfulqa": "hpr_peft.data",
+    "load_truthfulqa_mc": "hpr_peft.data",
+    "load_pairs_jsonl": "hpr_peft.data",
+    "split_groups": "hpr_peft.splits",
+    "kfold_groups": "hpr_peft.splits",
+    "collect_activations": "hpr_peft.activations",
+    "fit_hpr": "hpr_peft.fitting",
+    "FitReport": "hpr_peft.fitting",
+    "evaluate_truthfulqa": "hpr_peft.evaluation",
+    "push_to_hub": "hpr_peft.hub",
+    "load_adapter": "hpr_peft.hub",
+    "load_bundled": "hpr_peft.models",
+    "load_causal_lm": "hpr_peft.models",
+}
+
+__all__ = ["HPRConfig", "HPRLayer", "HPRModel", "__version__", *sorted(_LAZY_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY_EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'hpr_peft' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
