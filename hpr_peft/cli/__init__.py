@@ -1,6 +1,8 @@
 """The ``hpr-peft`` command line: ``fit``, ``eval``, ``push`` and ``main`` (the full TruthfulQA job).
 
-Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+only the chosen subcommand's module is imported, so ``hpr-peft push`` never pays for the evaluation
+stack and a broken optional dependency of one subcommand cannot break the others.
 """
 
 from __future__ import annotations
@@ -17,19 +19,25 @@ _SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpr-peft", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command`` given, that subcommand's options are filled in."""
+    parser = argparse.ArgumentParser(
+        prog="hpr-peft", description="Householder Pseudo-Rotation (HPR) activation editing for PEFT."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(_SUBCOMMANDS) + "}")
     for name, (module_name, help_text) in _SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(sub_parser)
-        sub_parser.set_defaults(_run=module.run)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub_parser)
+            sub_parser.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(command if command in _SUBCOMMANDS else None).parse_args(argv)
     return int(args._run(args) or 0)
 
 
