@@ -11,6 +11,9 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models are dominated by thread start-up/sync cost: one intra-op thread makes the suite
+# several times faster on 2 cores and keeps CPU results deterministic.
+torch.set_num_threads(1)
 
 
 def make_tiny_causal_lm(arch: str = "llama", seed: int = 0, **overrides):
@@ -65,3 +68,24 @@ def smollm2():
     from hpr_peft.models import load_bundled
 
     return load_bundled("smollm2")
+
+
+def make_char_tokenizer():
+    """A fast character-level tokenizer (ASCII + newline, < 128 ids) for the tiny models; offsets work."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for c in [chr(i) for i in range(32, 127)] + ["\n"]:
+        vocab[c] = len(vocab)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[])),
+        pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left",
+    )
+    return tokenizer
+
+
+@pytest.fixture
+def char_tokenizer():
+    """Character-level fast tokenizer matching the tiny models' vocab (128)."""
+    return make_char_tokenizer()

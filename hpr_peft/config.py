@@ -1,0 +1,237 @@
+"""HPRConfig: the PEFT configuration of Householder Pseudo-Rotation activation editing.
+
+The config travels in ``adapter_config.json`` (``to_dict`` / ``from_pretrained``), so every field is
+plain JSON. Validation happens in ``__post_init__`` and raises ``ValueError`` / ``TypeError`` naming
+the field and the fix, so a bad config never reaches the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from numbers import Real
+from typing import Any, ClassVar, Literal
+
+from peft.config import PeftConfig
+from peft.utils import PeftType, TaskType
+
+EDIT_POSITIONS = ("all", "last")
+PEFT_TYPE_NAME = "HPR"
+
+
+def ensure_peft_type() -> PeftType:
+    """Add ``HPR`` to peft's closed ``PeftType`` enum (idempotent) and return the member.
+
+    ``register_peft_method`` only accepts names that are already enum members, and configs are
+    looked up by ``PeftType`` when loading ``adapter_config.json``. A future peft that defines
+    ``HPR`` itself keeps its own member (``register_hpr`` then checks the registered tuner).
+    """
+    existing = PeftType._member_map_.get(PEFT_TYPE_NAME)
+    if existing is not None:
+        return existing  # type: ignore[return-value]
+    member = str.__new__(PeftType, PEFT_TYPE_NAME)
+    member._name_ = PEFT_TYPE_NAME
+    member._value_ = PEFT_TYPE_NAME
+    member.__objclass__ = PeftType  # type: ignore[attr-defined]
+    if hasattr(next(iter(PeftType)), "_sort_order_"):
+        member._sort_order_ = len(PeftType._member_names_)  # type: ignore[attr-defined]
+    type.__setattr__(PeftType, PEFT_TYPE_NAME, member)
+    PeftType._member_map_[PEFT_TYPE_NAME] = member
+    PeftType._value2member_map_[PEFT_TYPE_NAME] = member
+    PeftType._member_names_.append(PEFT_TYPE_NAME)
+    return member
+
+
+ensure_peft_type()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _layer_list(name: str, value: Any, allow_all: bool) -> list[int] | str:
+    """Validate a list of decoder block indices (or ``"all"``) and return it sorted."""
+    hint_all = ' or "all"' if allow_all else ""
+    if isinstance(value, str):
+        if allow_all and value == "all":
+            return value
+        if value.lower() == "all-linear":
+            raise ValueError(
+                f"{name}='all-linear' is not supported: HPR edits the output of whole decoder blocks, not linear "
+                f"layers. Pass block indices such as {name}=[10, 14, 18]{hint_all}."
+            )
+        raise ValueError(
+            f"{name}={value!r} is not supported: HPR selects decoder blocks by index, not by module name or "
+            f"pattern. Pass a list of block indices such as {name}=[10, 14, 18]{hint_all}."
+        )
+    if _is_int(value):
+        raise ValueError(f"{name}={value} must be a list of block indices: pass {name}=[{value}]{hint_all}.")
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(
+            f"{name} must be a list of non-negative block indices{hint_all}, got {type(value).__name__}."
+        )
+    if len(value) == 0:
+        raise ValueError(f"{name} must not be empty: list at least one decoder block index{hint_all}.")
+    bad = [item for item in value if not _is_int(item) or item < 0]
+    if bad:
+        raise ValueError(
+            f"{name} must contain only non-negative integer block indices, got {bad!r}. Pass e.g. {name}=[0, 3]."
+        )
+    if len(set(value)) != len(value):
+        duplicates = sorted({item for item in value if list(value).count(item) > 1})
+        raise ValueError(f"{name} lists block indices {duplicates} more than once; list each block once.")
+    return sorted(value)
+
+
+@dataclass
+class HPRConfig(PeftConfig):
+    """Configuration of an HPR adapter (Householder Pseudo-Rotation of decoder-block outputs).
+
+    Args:
+        target_layers: decoder block indices whose output is edited, or ``"all"``. Blocks are found
+            structurally (any transformers decoder-only causal LM); module names and ``"all-linear"``
+            are rejected because HPR edits whole blocks.
+        alpha: strength; the rotation angle is ``alpha * f(h)``. Finite; ``0`` disables the edit.
+        threshold: a token is edited where the probe gives ``sigmoid(w·h) < threshold`` (with the
+            default 0.5: ``w·h <= 0``; ``w·h = 0`` counts as negative). In ``(0, 1)``.
+        angle_hidden_sizes: widths of the hidden Linear+GELU blocks of the angle predictor; ``None``
+            means ``[d // 2]``; ``[]`` means a single Linear.
+        edit_positions: ``"all"`` edits every eligible position of every forward call (cache- and
+            padding-equivalent); ``"last"`` edits only the last position of each call (the paper's
+            generation mode; not equivalent between cached and uncached decoding).
+        skip_sequence_start: never edit the first real token of a sequence (an attention sink whose
+            rotation wrecks the model). Default True.
+        init_weights: True: identity until fitted (zero probe weight = no hyperplane = no edit;
+            logits identical to the base model). False: random but valid editors that edit a real
+            fraction of tokens with large angles (for tests and end-to-end training).
+        selected_layers: the subset of ``target_layers`` that edit; ``None`` means all targets.
+            Unselected layers keep their weights (and can be switched on at run time).
+        fit_results: JSON-able dict that travels with the adapter (per-layer metrics etc.).
+    """
+
+    target_layers: list[int] | Literal["all"] = field(
+        default="all", metadata={"help": 'Decoder block indices to edit, or "all".'}
+    )
+    alpha: float = field(default=1.0, metadata={"help": "Strength: the rotation angle is alpha * f(h)."})
+    threshold: float = field(
+        default=0.5, metadata={"help": "Edit tokens whose probe probability is below this, in (0, 1)."}
+    )
+    angle_hidden_sizes: list[int] | None = field(
+        default=None, metadata={"help": "Hidden widths of the angle predictor MLP (None: [d // 2])."}
+    )
+    edit_positions: Literal["all", "last"] = field(
+        default="all", metadata={"help": '"all" positions of every call, or only the "last" of each call.'}
+    )
+    skip_sequence_start: bool = field(
+        default=True, metadata={"help": "Never edit the first real token of a sequence (attention sink)."}
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: identity until fitted. False: random editors (tests/training)."},
+    )
+    selected_layers: list[int] | None = field(
+        default=None, metadata={"help": "Subset of target_layers that edit (None: all targets)."}
+    )
+    fit_results: dict[str, Any] | None = field(
+        default=None, metadata={"help": "JSON-able fit/eval metadata that travels with the adapter."}
+    )
+    task_type: TaskType | str | None = field(
+        default=TaskType.CAUSAL_LM, metadata={"help": "PEFT task type (HPR edits causal LMs)."}
+    )
+
+    # HPR has no module-name targeting; peft's generic injection code reads this attribute.
+    target_modules: ClassVar[None] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.HPR
+
+        self.target_layers = _layer_list("target_layers", self.target_layers, allow_all=True)
+
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, Real) or not math.isfinite(self.alpha):
+            raise ValueError(
+                f"alpha must be a finite number (the strength, default 1.0), got {self.alpha!r}."
+            )
+        self.alpha = float(self.alpha)
+
+        if (
+            isinstance(self.threshold, bool)
+            or not isinstance(self.threshold, Real)
+            or not (0.0 < float(self.threshold) < 1.0)
+        ):
+            raise ValueError(
+                f"threshold must be a probability strictly between 0 and 1 (default 0.5), got {self.threshold!r}."
+            )
+        self.threshold = float(self.threshold)
+
+        if self.angle_hidden_sizes is not None:
+            if not isinstance(self.angle_hidden_sizes, (list, tuple)):
+                raise TypeError(
+                    "angle_hidden_sizes must be a list of positive ints (e.g. [256]) or None for [d // 2], got "
+                    f"{type(self.angle_hidden_sizes).__name__}."
+                )
+            bad = [s for s in self.angle_hidden_sizes if not _is_int(s) or s <= 0]
+            if bad:
+                raise ValueError(
+                    f"angle_hidden_sizes must contain only positive ints (layer widths), got {bad!r}; "
+                    "use e.g. [256], [] for a single Linear, or None for [d // 2]."
+                )
+            self.angle_hidden_sizes = list(self.angle_hidden_sizes)
+
+        if self.edit_positions not in EDIT_POSITIONS:
+            raise ValueError(
+                f'edit_positions must be one of {list(EDIT_POSITIONS)} ("all": every position, cache-equivalent; '
+                f'"last": last position of each forward call), got {self.edit_positions!r}.'
+            )
+
+        for name in ("skip_sequence_start", "init_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+
+        if self.selected_layers is not None:
+            self.selected_layers = _layer_list("selected_layers", self.selected_layers, allow_all=False)
+            if self.target_layers != "all":
+                outside = sorted(set(self.selected_layers) - set(self.target_layers))
+                if outside:
+                    raise ValueError(
+                        f"selected_layers {outside} are not in target_layers {self.target_layers}: selected "
+                        "layers must be a subset of the targets (add them to target_layers or drop them)."
+                    )
+
+        if self.fit_results is not None:
+            if not isinstance(self.fit_results, dict):
+                raise TypeError(
+                    f"fit_results must be a JSON-able dict or None, got {type(self.fit_results).__name__}."
+                )
+            try:
+                json.dumps(self.fit_results)
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    "fit_results must be JSON-serialisable (it is saved in adapter_config.json): convert "
+                    f"tensors/arrays to lists and keys to str ({error})."
+                ) from error
+
+    def resolved_target_layers(self, num_layers: int) -> list[int]:
+        """Target block indices for a model with ``num_layers`` blocks (validates the range)."""
+        if self.target_layers == "all":
+            return list(range(num_layers))
+        out_of_range = [i for i in self.target_layers if i >= num_layers]
+        if out_of_range:
+            raise ValueError(
+                f"target_layers {out_of_range} out of range: the model has {num_layers} decoder blocks "
+                f"(valid indices 0..{num_layers - 1})."
+            )
+        return list(self.target_layers)
+
+    def resolved_selected_layers(self, num_layers: int) -> list[int]:
+        """Block indices that edit (selected subset of the targets) for a model with ``num_layers`` blocks."""
+        targets = self.resolved_target_layers(num_layers)
+        if self.selected_layers is None:
+            return targets
+        outside = sorted(set(self.selected_layers) - set(targets))
+        if outside:
+            raise ValueError(
+                f"selected_layers {outside} are not targeted (targets: {targets}, model has {num_layers} blocks)."
+            )
+        return list(self.selected_layers)
