@@ -20,8 +20,14 @@ def make_tiny_causal_lm(arch: str = "llama", seed: int = 0, **overrides):
     """A tiny randomly initialised causal LM of the given architecture (offline, < 1 s)."""
     import transformers as tf
 
-    common = dict(vocab_size=128, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                  intermediate_size=64, max_position_embeddings=256)
+    common = dict(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=256,
+    )
     builders = {
         "llama": lambda: tf.LlamaConfig(num_key_value_heads=2, **common),
         "mistral": lambda: tf.MistralConfig(num_key_value_heads=2, **common),
@@ -31,9 +37,15 @@ def make_tiny_causal_lm(arch: str = "llama", seed: int = 0, **overrides):
         "phi3": lambda: tf.Phi3Config(num_key_value_heads=2, pad_token_id=0, **common),
         "gpt2": lambda: tf.GPT2Config(vocab_size=128, n_embd=32, n_layer=4, n_head=4, n_positions=256),
         "gpt_neox": lambda: tf.GPTNeoXConfig(**common),
-        "opt": lambda: tf.OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=4,
-                                    num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
-                                    max_position_embeddings=256),
+        "opt": lambda: tf.OPTConfig(
+            vocab_size=128,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            ffn_dim=64,
+            word_embed_proj_dim=32,
+            max_position_embeddings=256,
+        ),
     }
     if arch not in builders:
         raise ValueError(f"unknown tiny arch {arch!r}")
@@ -80,7 +92,10 @@ def make_char_tokenizer():
         vocab[c] = len(vocab)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[])),
-        pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        padding_side="left",
     )
     return tokenizer
 
