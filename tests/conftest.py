@@ -13,7 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models are dominated by thread start-up/sync cost: one intra-op thread makes the suite
 # several times faster on 2 cores and keeps CPU results deterministic.
+# Subprocesses (Hub round trips, 2-process fits) inherit this, so results compare bit for bit.
 torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def make_tiny_causal_lm(arch: str = "llama", seed: int = 0, **overrides):

@@ -1,0 +1,91 @@
+"""``hpr-peft eval``: TruthfulQA MC1/MC2 of a model (optionally with an HPR adapter) with side effects."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, help="bundled short name (smollm2, gemma3), Hub id or folder"
+    )
+    parser.add_argument("--adapter", default=None, help="folder (or Hub id) of a saved HPR adapter")
+    parser.add_argument("--alpha", type=float, default=None, help="override the adapter's alpha")
+    parser.add_argument(
+        "--questions",
+        default=None,
+        help="file with question ids (one per line, or a JSON list) to score; default all 817",
+    )
+    parser.add_argument("--truthfulqa-dir", default=None, help="folder with mc_task.json (or the Hub id)")
+    parser.add_argument("--output", required=True, help="folder for eval.json")
+    parser.add_argument("--no-side-effects", action="store_true", help="skip perplexity / KL on neutral text")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _read_ids(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"--questions {path}: no such file; give a file of question ids (tqa-0000 ...)."
+        )
+    text = file.read_text().strip()
+    if text.startswith("["):
+        ids = json.loads(text)
+    else:
+        ids = [line.strip() for line in text.splitlines() if line.strip()]
+    if not ids:
+        raise ValueError(f"--questions {path} lists no question id.")
+    return [str(x) for x in ids]
+
+
+def run(args: argparse.Namespace) -> int:
+    import contextlib
+
+    import torch
+
+    import hpr_peft  # noqa: F401  (registers the PEFT type)
+    from hpr_peft.evaluation import evaluate_truthfulqa
+    from hpr_peft.main_job import _load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    question_ids = _read_ids(args.questions) if args.questions else None
+    model, tokenizer = _load_model(args.model)
+    context = None
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+        model.eval()
+        if args.alpha is not None:
+            from hpr_peft.control import edit_settings
+
+            alpha = args.alpha
+
+            def context() -> contextlib.AbstractContextManager:
+                return edit_settings(model, alpha=alpha)
+
+    result = evaluate_truthfulqa(
+        model,
+        tokenizer,
+        truthfulqa_dir=args.truthfulqa_dir,
+        question_ids=question_ids,
+        context=context,
+        side_effects=not args.no_side_effects,
+        progress=not args.no_progress,
+    )
+    result["model"] = args.model
+    result["adapter"] = args.adapter
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    tq = result["truthfulqa"]
+    line = f"MC1 {100 * tq['mc1']:.1f} ± {100 * tq['mc1_se']:.1f} %  MC2 {100 * tq['mc2']:.1f} ± {100 * tq['mc2_se']:.1f} %"
+    if "side_effects" in result:
+        se = result["side_effects"]
+        line += f"  KL {se['kl']:.4f}  perplexity {se['perplexity']:.2f} (unedited {se['reference_perplexity']:.2f})"
+    print(f"{tq['n']} questions: {line}  [{tq['seconds']:.0f} s]")
+    return 0

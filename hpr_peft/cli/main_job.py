@@ -1,0 +1,101 @@
+"""``hpr-peft main``: the full TruthfulQA job (cross-validated HPR fit, additive baseline, report, plots)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default=None, help="output folder (default outputs/<model>)")
+    parser.add_argument(
+        "--model", default="smollm2", help="bundled short name (smollm2, gemma3), Hub id or local folder"
+    )
+    parser.add_argument(
+        "--truthfulqa-dir",
+        default=None,
+        help="folder with mc_task.json (default ../shared/data/truthfulqa or $HPR_TRUTHFULQA_DIR), "
+        "or the Hub id truthfulqa/truthful_qa",
+    )
+    parser.add_argument("--folds", type=int, default=2, help="cross-validation folds by question (default 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a few questions only (CI smoke test)")
+    parser.add_argument("--quick-questions", type=int, default=24)
+    parser.add_argument(
+        "--max-questions",
+        type=int,
+        default=None,
+        help="score a seeded random subset of this many questions (default: all 817)",
+    )
+    parser.add_argument(
+        "--token-selection",
+        choices=["last", "response"],
+        default="last",
+        help="which completion tokens train the editors (default last)",
+    )
+    parser.add_argument("--hpr-alphas", type=_floats, default=(0.5, 1.0, 1.5))
+    parser.add_argument(
+        "--additive-alphas",
+        type=_floats,
+        default=(1.0, 2.0, 4.0),
+        help="multiples of the per-layer std of projections (normalised vectors)",
+    )
+    parser.add_argument("--top-k", type=_ints, default=(3,), help="numbers of layers to try, e.g. 3,5")
+    parser.add_argument(
+        "--kl-budget",
+        type=float,
+        default=0.1,
+        help="settings are chosen on validation data among those with KL <= this",
+    )
+    parser.add_argument("--validation-fraction", type=float, default=0.15)
+    parser.add_argument("--max-validation-questions", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument(
+        "--neutral-paragraphs",
+        type=int,
+        default=None,
+        help="use only the first N paragraphs of the neutral corpus (faster side effects)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hpr_peft.main_job import JobSettings, run_main_job
+
+    settings = JobSettings(
+        model=args.model,
+        output_dir=args.output or f"outputs/{args.model.rstrip('/').split('/')[-1]}",
+        truthfulqa_dir=args.truthfulqa_dir,
+        folds=args.folds,
+        seed=args.seed,
+        quick=args.quick,
+        quick_questions=args.quick_questions,
+        max_questions=args.max_questions,
+        token_selection=args.token_selection,
+        hpr_alphas=args.hpr_alphas,
+        additive_alphas=args.additive_alphas,
+        top_ks=args.top_k,
+        kl_budget=args.kl_budget,
+        validation_fraction=args.validation_fraction,
+        max_validation_questions=args.max_validation_questions,
+        epochs=args.epochs,
+        neutral_paragraphs=args.neutral_paragraphs,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    run_main_job(settings)
+    return 0

@@ -1,0 +1,125 @@
+"""PNG plots of the TruthfulQA job: MC2-vs-KL Pareto, per-layer probe accuracy, angles / edited fractions.
+
+matplotlib is optional (``pip install hpr_peft[plots]``); every function raises a clear ImportError
+without it. All functions take plain JSON-able data (what ``results.json`` holds) and return the path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_monitor", "plot_pareto", "plot_probe_accuracy"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("Plots need matplotlib: pip install 'hpr_peft[plots]'.") from exc
+    return plt
+
+
+def plot_pareto(
+    sweeps: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "", baseline: float | None = None
+) -> Path:
+    """MC2 against KL(edited ‖ unedited) for every swept setting.
+
+    ``sweeps`` rows: ``{"method": "hpr"|"additive", "fold": int, "kl": float, "mc2": float,
+    "label": str, "split": "validation"|"held-out", "chosen": bool}``. The lines join each method's
+    points of one fold/split in KL order; chosen settings are circled; ``baseline`` (the unedited MC2)
+    is a horizontal line.
+    """
+    plt = _pyplot()
+    colors = {"hpr": "tab:blue", "additive": "tab:orange", "unedited": "black"}
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for row in sweeps:
+        groups.setdefault(
+            (row["method"], int(row.get("fold", 0)), row.get("split", "validation")), []
+        ).append(row)
+    for (method, fold, split), rows in sorted(groups.items()):
+        rows = sorted(rows, key=lambda r: r["kl"])
+        style = "-" if split == "held-out" else "--"
+        marker = "o" if split == "held-out" else "s"
+        ax.plot(
+            [max(r["kl"], 1e-5) for r in rows],
+            [r["mc2"] for r in rows],
+            style,
+            marker=marker,
+            color=colors.get(method, "gray"),
+            alpha=0.85 if split == "held-out" else 0.5,
+            label=f"{method} fold {fold} ({split})",
+        )
+        for r in rows:
+            if r.get("chosen"):
+                ax.scatter([max(r["kl"], 1e-5)], [r["mc2"]], s=160, facecolors="none", edgecolors="red")
+    if baseline is not None:
+        ax.axhline(baseline, color="black", lw=1, ls=":", label="unedited (all questions)")
+    ax.set_xscale("log")
+    ax.set_xlabel("KL(edited ‖ unedited) per token on neutral text [nats]")
+    ax.set_ylabel("TruthfulQA MC2")
+    ax.set_title(title or "MC2 vs side effects")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_probe_accuracy(
+    per_fold: dict[int, dict[int, float]], path: str | os.PathLike, title: str = ""
+) -> Path:
+    """Validation probe accuracy per layer, one line per fold (``{fold: {layer: accuracy}}``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for fold, accs in sorted(per_fold.items()):
+        layers = sorted(accs)
+        ax.plot(layers, [accs[x] for x in layers], marker="o", label=f"fold {fold}")
+    ax.axhline(0.5, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("probe accuracy (validation)")
+    ax.set_title(title or "Per-layer probe accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_monitor(
+    fractions: dict[int, float], angles: dict[int, Sequence[float]], path: str | os.PathLike, title: str = ""
+) -> Path:
+    """Left: fraction of tokens flagged for editing per layer; right: histogram of predicted angles."""
+    import math
+
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    layers = sorted(fractions)
+    left.bar(layers, [fractions[x] for x in layers], color="tab:blue")
+    left.set_xlabel("decoder layer")
+    left.set_ylabel("fraction of tokens edited")
+    left.set_ylim(0, 1)
+    left.grid(alpha=0.3)
+    for layer in sorted(angles):
+        values = [math.degrees(a) for a in angles[layer]]
+        if values:
+            right.hist(values, bins=40, histtype="step", label=f"layer {layer}")
+    right.set_xlabel("predicted angle f(h) [degrees] (before alpha)")
+    right.set_ylabel("tokens")
+    right.legend(fontsize=7)
+    right.grid(alpha=0.3)
+    fig.suptitle(title or "HPR probes on TruthfulQA prompts")
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def _save(fig: Any, plt: Any, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
