@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hpr_peft.architecture import find_decoder_stack, split_block_output
+from hpr_peft.saving import write_text_atomic
 
 TOKEN_SELECTIONS = ("last", "response")
 STORAGE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -222,9 +223,7 @@ def _write_index(acts: PairActivations, directory: Path) -> None:
         "shards": acts.shards,
         "metadata": acts.metadata,
     }
-    tmp = directory / (INDEX_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, directory / INDEX_FILE)
+    write_text_atomic(directory / INDEX_FILE, json.dumps(meta))
 
 
 def _read_layer_from_shards(

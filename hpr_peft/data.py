@@ -21,12 +21,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from hpr_peft.saving import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -318,20 +319,6 @@ def load_pairs_jsonl(path: str | os.PathLike) -> list[ContrastivePair]:
     return pairs
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_pairs_jsonl(pairs: Iterable[ContrastivePair], path: str | os.PathLike) -> Path:
     """Write pairs as JSONL (``{"prompt", "positive", "negative", "group"}`` per line), atomically."""
     lines = []
@@ -350,7 +337,7 @@ def save_pairs_jsonl(pairs: Iterable[ContrastivePair], path: str | os.PathLike) 
     if not lines:
         raise ValueError("save_pairs_jsonl: no pairs to write (an empty pairs file could not be read back).")
     path = Path(path)
-    _atomic_write_text(path, "\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 
