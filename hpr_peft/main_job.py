@@ -3,8 +3,9 @@
 Protocol (DESIGN §6, issue #5):
 
 1. k folds by question (default 2 over all 817, seeded; ids saved in ``results.json``).
-2. Activations of every (question, answer) sequence are collected once with the *unedited* model (they
-   do not depend on the fold) and each fold uses only its training questions' rows.
+2. One unedited scoring pass over all questions also records the fitting activations of every
+   (question, answer) sequence at all layers (:class:`hpr_peft.activations.AnswerCollector`); they do
+   not depend on the fold, and each fold uses only its training questions' rows.
 3. Per fold the training questions are split again into fit / validation questions. HPR editors are
    trained on the fit part (all layers), layers are ranked by validation probe accuracy, and every
    setting (``top_k`` layers × ``alpha``) of HPR and of the additive mean-difference baseline (same
@@ -114,7 +115,7 @@ def run_main_job(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | N
 
     import hpr_peft  # noqa: F401  (registers the PEFT type)
     from hpr_peft import HPRConfig
-    from hpr_peft.activations import collect_activations
+    from hpr_peft.activations import AnswerCollector
     from hpr_peft.baselines import additive_steering, mean_difference_vectors
     from hpr_peft.control import edit_settings, monitor
     from hpr_peft.data import load_truthfulqa, load_truthfulqa_mc
@@ -160,16 +161,17 @@ def run_main_job(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | N
     print(
         f"[hpr-peft main] {settings.model}: {len(questions)} questions, {len(pairs)} pairs, {n_layers} layers"
     )
+    # One unedited pass both scores every question and records the fitting activations (all layers)
+    # at the answer tokens it reads anyway: no separate collection pass.
     t = time.perf_counter()
-    acts = collect_activations(
-        model, tokenizer, pairs, token_selection=settings.token_selection, progress=settings.progress
-    )
-    acts = acts.to_memory()
-    t = lap("collect_activations", t)
-
+    collector = AnswerCollector(range(n_layers), token_selection=settings.token_selection)
     scorer_all = TruthfulQAScorer(tokenizer, questions)
-    base_result = scorer_all.score(model, context=unedited, progress=settings.progress, desc="unedited")
-    t = lap("score_unedited", t)
+    base_result = scorer_all.score(
+        model, context=unedited, progress=settings.progress, desc="unedited + activations", collector=collector
+    )
+    acts = collector.pair_activations(pairs)
+    del collector
+    t = lap("score_unedited_and_collect", t)
     from hpr_peft.sideeffects import load_neutral_paragraphs
 
     paragraphs = load_neutral_paragraphs()

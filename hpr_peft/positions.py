@@ -52,8 +52,25 @@ def context_from_inputs(
     attention_mask: torch.Tensor | None,
     past_length: int,
     device: torch.device,
+    position_ids: torch.Tensor | None = None,
 ) -> PositionContext:
-    """Masks for the last ``seq`` tokens of sequences whose earlier ``past_length`` are cached."""
+    """Masks for the last ``seq`` tokens of sequences whose earlier ``past_length`` are cached.
+
+    A 2-D mask marks padding directly. A 4-D mask (custom attention, e.g. :mod:`hpr_peft.packing`)
+    marks a token real when it may attend to itself (its diagonal entry is not blocked), and the
+    sequence start is the real token at position id 0.
+    """
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] == seq:
+        mask4 = attention_mask[:, 0].to(device)
+        keys = mask4.shape[-1]
+        diagonal = mask4[:, torch.arange(seq, device=device), torch.arange(keys - seq, keys, device=device)]
+        valid = diagonal if diagonal.dtype == torch.bool else diagonal > torch.finfo(diagonal.dtype).min / 2
+        valid = valid.expand(batch, seq)
+        if position_ids is not None:
+            start = position_ids.to(device).expand(batch, seq) == 0
+        else:
+            start = (torch.arange(past_length, past_length + seq, device=device) == 0).expand(batch, seq)
+        return PositionContext(valid=valid.clone(), sequence_start=start & valid)
     if attention_mask is not None and attention_mask.dim() == 2:
         mask = attention_mask.to(device=device).bool()
         seen_before = torch.cumsum(mask.long(), dim=-1)
@@ -100,7 +117,12 @@ class PositionTracker:
         batch, seq = reference.shape[0], reference.shape[1]
         past = kwargs.get("past_key_values", kwargs.get("cache"))
         self.current = context_from_inputs(
-            batch, seq, kwargs.get("attention_mask"), _past_length(past), reference.device
+            batch,
+            seq,
+            kwargs.get("attention_mask"),
+            _past_length(past),
+            reference.device,
+            position_ids=kwargs.get("position_ids"),
         )
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:

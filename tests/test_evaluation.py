@@ -126,5 +126,6 @@ def test_smollm2_fast_equals_naive(smollm2, truthfulqa_dir):
     for q in questions:
         fast = result.answer_scores[q.question_id]
         naive = score_answers_naive(model, tok, q.question, list(fast), primer=QA_PRIMER)
-        assert max(abs(a - b) for a, b in zip(naive, fast.values(), strict=True)) < 1e-4
+        # float32 summation order differs between batch shapes; scores are O(10-50) nats.
+        assert max(abs(a - b) for a, b in zip(naive, fast.values(), strict=True)) < 1e-3
     assert isinstance(questions[0], MCQuestion)
