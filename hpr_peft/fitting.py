@@ -4,6 +4,12 @@ Per layer the loss is the paper's ``BCE(p(x), label) + MSE(f(x), angle(x, x⁺))
 (label 1, target angle 0) and negatives (label 0, target ``angle(x⁻, x⁺)``) stacked, with AdamW,
 a linear warm-up over the first ``warmup`` fraction of steps and a linear decay to 0 after it.
 
+``angle_target="probe"`` replaces the negatives' target by the probe-consistent angle
+``θ* = max(0, ∠(x⁻, ŵ) − ∠(x⁺, ŵ))`` (:func:`hpr_peft.rotation.probe_consistent_angle`) and trains in
+two stages: first the probe alone (BCE, best epoch by validation accuracy), then, with that probe
+fixed, the angle nets (MSE against θ* computed from the raw activations and the raw probe, best epoch
+by validation angle MSE). ``"paper"`` (the default) is the paper's single joint stage.
+
 Two prototype lessons are built in (DESIGN §2):
 
 - features are divided by a per-feature scale (root mean square over the training rows) — *scale
@@ -33,6 +39,16 @@ from hpr_peft.activations import PairActivations, collect_activations, iter_laye
 from hpr_peft.report import FitReport, LayerFitResult
 
 LayerScorer = Callable[[Any, int], float]
+ANGLE_TARGETS = ("paper", "probe")
+
+
+def _check_angle_target(angle_target: object) -> str:
+    if not isinstance(angle_target, str) or angle_target not in ANGLE_TARGETS:
+        raise ValueError(
+            f"angle_target must be one of {list(ANGLE_TARGETS)} ('paper': the paper's angle(x⁻, x⁺); "
+            f"'probe': the probe-consistent angle θ*), got {angle_target!r}."
+        )
+    return angle_target
 
 
 @dataclass
@@ -161,6 +177,7 @@ def train_editors(
     progress: bool = True,
     layers_per_chunk: int | None = None,
     device: str | torch.device | None = None,
+    angle_target: str = "paper",
 ) -> tuple[dict[int, EditorWeights], list[LayerFitResult]]:
     """Train one probe + angle net per layer from paired activations; returns folded weights and
     per-layer metrics at each layer's best epoch (by validation probe accuracy, ties to the lower
@@ -169,7 +186,15 @@ def train_editors(
     ``batch_size`` counts pairs (rows of positives and negatives: ``2 * batch_size`` inputs per step).
     ``layers_per_chunk`` trains that many layers at a time (bounds RAM for disk-backed activations).
     ``device`` is where training runs (default CPU); the returned weights are always on CPU.
+
+    ``angle_target``: ``"paper"`` (default) trains probe and angle net jointly on the paper's target
+    ``angle(x⁻, x⁺)``. ``"probe"`` trains the probe first (same BCE, optimiser and best-epoch rule),
+    then the angle nets for ``epochs`` more epochs with the chosen probe fixed, on the
+    probe-consistent target θ* (:func:`hpr_peft.rotation.probe_consistent_angle`, from raw activations
+    and the raw probe); each layer keeps the angle net of its lowest validation angle MSE (training
+    MSE without validation data), reported as ``angle_best_epoch``.
     """
+    angle_target = _check_angle_target(angle_target)
     layers = list(train.layers if layers is None else layers)
     if not layers:
         raise ValueError("layers is empty: nothing to train.")
@@ -209,6 +234,7 @@ def train_editors(
             seed,
             progress,
             torch.device(device) if device is not None else torch.device("cpu"),
+            angle_target,
         )
         for layer in chunk:
             template = build_angle_net(d, hidden_sizes)
@@ -220,6 +246,234 @@ def train_editors(
         results.extend(r_chunk)
     results.sort(key=lambda r: r.layer)
     return weights, results
+
+
+def _linear_schedule(
+    optimizer: torch.optim.Optimizer, total: int, warmup: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over the first ``warmup`` fraction of ``total`` steps, then linear decay to 0."""
+    warm_steps = round(warmup * total)
+
+    def lr_factor(step: int) -> float:
+        if warm_steps and step < warm_steps:
+            return (step + 1) / warm_steps
+        return max(0.0, (total - step) / max(1, total - warm_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def _fold(
+    layers: list[int],
+    scale: torch.Tensor,
+    w_best: torch.Tensor,
+    W_best: list[torch.Tensor],
+    B_best: list[torch.Tensor],
+) -> dict[int, tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Fold the feature scale into the (CPU) weights: the installed layer sees raw h."""
+    scale = scale.cpu()
+    out: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+    for i, layer in enumerate(layers):
+        probe = (w_best[i] / scale[i]).contiguous()
+        tensors: list[torch.Tensor] = []
+        for k in range(len(W_best)):
+            weight = W_best[k][i].t().contiguous()  # (out, in) like nn.Linear
+            if k == 0:
+                weight = (weight / scale[i].unsqueeze(0)).contiguous()
+            tensors += [weight, B_best[k][i].clone().contiguous()]
+        out[layer] = (probe, tensors)
+    return out
+
+
+@torch.no_grad()
+def _probe_metrics(
+    xp: torch.Tensor, xn: torch.Tensor, w: torch.Tensor, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer probe accuracy and mean BCE over positives and negatives (standardised x)."""
+    n = xp.shape[1]
+    correct = torch.zeros(xp.shape[0], dtype=torch.float64, device=xp.device)
+    bce = torch.zeros_like(correct)
+    for start in range(0, n, chunk):
+        sl = slice(start, min(n, start + chunk))
+        lp, ln = _probe_logits(xp[:, sl], w), _probe_logits(xn[:, sl], w)
+        correct += (lp > 0).sum(1).double() + (ln <= 0).sum(1).double()
+        bce += F.softplus(-lp).sum(1).double() + F.softplus(ln).sum(1).double()
+    return correct / (2 * n), bce / (2 * n)
+
+
+def _probe_targets(acts: PairActivations, layers: list[int], w_raw: torch.Tensor, device) -> torch.Tensor:
+    """θ* of every pair, ``(L, N)``, from the raw activations (re-read one layer at a time, so the
+    standardised training stack is not unscaled with rounding) and the raw probes ``(L, d)``."""
+    from hpr_peft.rotation import probe_consistent_angle
+
+    out = []
+    for i, layer in enumerate(layers):
+        pos, neg = acts.pair_tensors(layer)
+        pos = pos.to(device=device, dtype=torch.float32)
+        neg = neg.to(device=device, dtype=torch.float32)
+        out.append(probe_consistent_angle(neg, pos, w_raw[i]).float())
+    return torch.stack(out)
+
+
+def _train_chunk_two_stage(
+    train: PairActivations,
+    validation: PairActivations | None,
+    layers: list[int],
+    hidden_sizes: list[int],
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    warmup: float,
+    weight_decay: float,
+    seed: int,
+    progress: bool,
+    device: torch.device,
+    xp: torch.Tensor,
+    xn: torch.Tensor,
+    vp: torch.Tensor | None,
+    vn: torch.Tensor | None,
+    scale: torch.Tensor,
+):
+    """``angle_target="probe"``: stage 1 trains the probes (BCE), stage 2 the angle nets (MSE against
+    θ* of the stage-1 probes, held fixed). ``xp``/``xn``/``vp``/``vn`` are already standardised."""
+    L, N, d = xp.shape
+    steps_per_epoch = math.ceil(N / batch_size)
+    total = steps_per_epoch * epochs
+    gen = torch.Generator().manual_seed(int(seed))
+    labels = torch.cat([torch.ones(batch_size), torch.zeros(batch_size)]).to(device)
+    history: list[list[dict[str, float | None]]] = [
+        [{"epoch": e} for e in range(1, epochs + 1)] for _ in range(L)
+    ]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=2 * total, desc=f"fitting {L} layer(s), probe then angle", unit="step")
+
+    # ---- stage 1: probes only; best epoch by validation accuracy, ties to the lower validation BCE
+    w = torch.zeros(L, d, device=device, requires_grad=True)
+    optimizer = _adamw([w], lr=lr, weight_decay=weight_decay)
+    scheduler = _linear_schedule(optimizer, total, warmup)
+    best_key = torch.full((L,), -math.inf, dtype=torch.float64, device=device)
+    best_bce = torch.full((L,), math.inf, dtype=torch.float64, device=device)
+    w_best = w.detach().clone()
+    probe_epoch = [0] * L
+    probe_metrics: list[dict[str, float | None]] = [{} for _ in range(L)]
+    for epoch in range(1, epochs + 1):
+        perm = torch.randperm(N, generator=gen).to(device)
+        for start in range(0, N, batch_size):
+            idx = perm[start : start + batch_size]
+            b = idx.numel()
+            x = torch.cat([xp.index_select(1, idx), xn.index_select(1, idx)], dim=1)  # (L, 2b, d)
+            y = labels if b == batch_size else labels.new_tensor([1.0] * b + [0.0] * b)
+            logits = _probe_logits(x, w)
+            bce = F.binary_cross_entropy_with_logits(logits, y.expand(L, -1), reduction="none").mean(1)
+            optimizer.zero_grad(set_to_none=True)
+            bce.sum().backward()
+            optimizer.step()
+            scheduler.step()
+            if bar is not None:
+                bar.update(1)
+        train_acc, train_bce = _probe_metrics(xp, xn, w.detach())
+        val_acc = None
+        if vp is not None:
+            val_acc, val_bce = _probe_metrics(vp, vn, w.detach())
+            key, key_bce = val_acc, val_bce
+        else:
+            key, key_bce = train_acc, train_bce
+        improved = (key > best_key) | ((key == best_key) & (key_bce < best_bce))
+        for i in range(L):
+            record = history[i][epoch - 1]
+            record["train_accuracy"] = float(train_acc[i])
+            record["val_accuracy"] = None if val_acc is None else float(val_acc[i])
+            if bool(improved[i]):
+                probe_epoch[i] = epoch
+                probe_metrics[i] = dict(record)
+        with torch.no_grad():
+            w_best.copy_(torch.where(improved.unsqueeze(1), w.detach(), w_best))
+        best_key = torch.where(improved, key, best_key)
+        best_bce = torch.where(improved, key_bce, best_bce)
+        if bar is not None:
+            shown = val_acc if val_acc is not None else train_acc
+            bar.set_postfix(stage="probe", epoch=epoch, acc=f"{float(shown.mean()):.3f}")
+
+    # ---- stage 2: angle nets on θ* of the fixed probes (raw coordinates: w_raw = w / s, as folded)
+    w_raw = w_best / scale
+    target = _probe_targets(train, layers, w_raw, device)  # (L, N)
+    vtarget = _probe_targets(validation, layers, w_raw, device) if vp is not None else None
+    W, B = _init_angle_params(d, hidden_sizes, seed, layers, device)
+    mean_angle = (target.sum(1) / (2 * N)).clamp(1e-4, math.pi * (1 - 1e-4))  # positives contribute 0
+    with torch.no_grad():
+        p = mean_angle / math.pi
+        B[-1][:, 0] = torch.log(p) - torch.log1p(-p)
+    params = [*W, *B]
+    optimizer = _adamw(params, lr=lr, weight_decay=weight_decay)
+    scheduler = _linear_schedule(optimizer, total, warmup)
+    best_mse = torch.full((L,), math.inf, dtype=torch.float64, device=device)
+    best = [t.detach().clone() for t in params]
+    angle_epoch = [0] * L
+    angle_metrics: list[dict[str, float | None]] = [{} for _ in range(L)]
+    for epoch in range(1, epochs + 1):
+        perm = torch.randperm(N, generator=gen).to(device)
+        mse_sum = torch.zeros(L, dtype=torch.float64, device=device)
+        for start in range(0, N, batch_size):
+            idx = perm[start : start + batch_size]
+            b = idx.numel()
+            x = torch.cat([xp.index_select(1, idx), xn.index_select(1, idx)], dim=1)
+            t = torch.cat([target.new_zeros(L, b), target.index_select(1, idx)], dim=1)
+            angle = math.pi * torch.sigmoid(_angle_logits(x, W, B))
+            mse = (angle - t).pow(2).mean(1)
+            optimizer.zero_grad(set_to_none=True)
+            mse.sum().backward()
+            optimizer.step()
+            scheduler.step()
+            mse_sum += mse.detach().double() * b
+            if bar is not None:
+                bar.update(1)
+        train_mse = mse_sum / N
+        val_mse = None
+        if vp is not None:
+            _, val_mse, _ = _evaluate(
+                vp, vn, vtarget, w_best, [t.detach() for t in W], [t.detach() for t in B]
+            )
+            key_mse = val_mse
+        else:
+            key_mse = train_mse
+        improved = (key_mse < best_mse) | ~torch.isfinite(best_mse)  # epoch 1 always counts
+        for i in range(L):
+            record = history[i][epoch - 1]
+            record["train_angle_mse"] = float(train_mse[i])
+            record["val_angle_mse"] = None if val_mse is None else float(val_mse[i])
+            if bool(improved[i]):
+                angle_epoch[i] = epoch
+                angle_metrics[i] = dict(record)
+        with torch.no_grad():
+            for kept, current in zip(best, params, strict=True):
+                mask = improved.view(L, *([1] * (current.dim() - 1)))
+                kept.copy_(torch.where(mask, current.detach(), kept))
+        best_mse = torch.where(improved, key_mse, best_mse)
+        if bar is not None:
+            shown = val_mse if val_mse is not None else train_mse
+            bar.set_postfix(stage="angle", epoch=epoch, mse=f"{float(shown.mean()):.2e}")
+    if bar is not None:
+        bar.close()
+
+    n_lin = len(W)
+    best = [t.cpu() for t in best]
+    out = _fold(layers, scale, w_best.cpu(), best[:n_lin], best[n_lin:])
+    results = [
+        LayerFitResult(
+            layer=layer,
+            train_accuracy=float(probe_metrics[i]["train_accuracy"]),
+            train_angle_mse=float(angle_metrics[i]["train_angle_mse"]),
+            val_accuracy=probe_metrics[i]["val_accuracy"],
+            val_angle_mse=angle_metrics[i]["val_angle_mse"],
+            best_epoch=probe_epoch[i],
+            angle_best_epoch=angle_epoch[i],
+            history=history[i],
+        )
+        for i, layer in enumerate(layers)
+    ]
+    return out, results
 
 
 def _train_chunk(
@@ -235,22 +489,31 @@ def _train_chunk(
     seed: int,
     progress: bool,
     device: torch.device,
+    angle_target: str = "paper",
 ):
     L = len(layers)
     xp, xn = _load_stack(train, layers, device)  # (L, N, d)
     N, d = xp.shape[1], xp.shape[2]
-    target = torch.stack([_angle_between(xn[i], xp[i]) for i in range(L)])  # (L, N)
+    if angle_target == "paper":
+        target = torch.stack([_angle_between(xn[i], xp[i]) for i in range(L)])  # (L, N)
     # per-feature scale (RMS over training rows), no centring
     scale = torch.sqrt((xp.pow(2).sum(1) + xn.pow(2).sum(1)) / (2 * N))  # (L, d)
     floor = scale.amax(dim=1, keepdim=True) * 1e-6 + 1e-12
     scale = torch.maximum(scale, floor)
     xp.div_(scale.unsqueeze(1))
     xn.div_(scale.unsqueeze(1))
+    vp = vn = None
     if validation is not None:
         vp, vn = _load_stack(validation, layers, device)
-        vtarget = torch.stack([_angle_between(vn[i], vp[i]) for i in range(L)])
+        if angle_target == "paper":
+            vtarget = torch.stack([_angle_between(vn[i], vp[i]) for i in range(L)])
         vp.div_(scale.unsqueeze(1))
         vn.div_(scale.unsqueeze(1))
+    if angle_target == "probe":
+        return _train_chunk_two_stage(
+            train, validation, layers, hidden_sizes, epochs, lr, batch_size, warmup, weight_decay, seed,
+            progress, device, xp, xn, vp, vn, scale,
+        )  # fmt: skip
 
     w = torch.zeros(L, d, device=device, requires_grad=True)
     W, B = _init_angle_params(d, hidden_sizes, seed, layers, device)
@@ -262,14 +525,7 @@ def _train_chunk(
     optimizer = _adamw(params, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(N / batch_size)
     total = steps_per_epoch * epochs
-    warm_steps = round(warmup * total)
-
-    def lr_factor(step: int) -> float:
-        if warm_steps and step < warm_steps:
-            return (step + 1) / warm_steps
-        return max(0.0, (total - step) / max(1, total - warm_steps))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = _linear_schedule(optimizer, total, warmup)
     gen = torch.Generator().manual_seed(int(seed))
     labels = torch.cat([torch.ones(batch_size), torch.zeros(batch_size)]).to(device)
 
@@ -343,22 +599,11 @@ def _train_chunk(
     if bar is not None:
         bar.close()
 
-    # fold the scale into the weights: the installed layer sees raw h
     n_lin = len(W)
     best = [t.cpu() for t in best]
-    scale = scale.cpu()
-    w_best, W_best, B_best = best[0], best[1 : 1 + n_lin], best[1 + n_lin :]
-    out: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+    out = _fold(layers, scale, best[0], best[1 : 1 + n_lin], best[1 + n_lin :])
     results: list[LayerFitResult] = []
     for i, layer in enumerate(layers):
-        probe = (w_best[i] / scale[i]).contiguous()
-        tensors: list[torch.Tensor] = []
-        for k in range(n_lin):
-            weight = W_best[k][i].t().contiguous()  # (out, in) like nn.Linear
-            if k == 0:
-                weight = (weight / scale[i].unsqueeze(0)).contiguous()
-            tensors += [weight, B_best[k][i].clone().contiguous()]
-        out[layer] = (probe, tensors)
         m = best_metrics[i]
         results.append(
             LayerFitResult(
@@ -471,6 +716,7 @@ def fit_hpr(
     adapter_name: str | None = None,
     progress: bool = True,
     training_device: str | torch.device | None = None,
+    angle_target: str = "paper",
 ) -> FitReport:
     """Collect activations, train an editor per layer, install them and choose the editing layers.
 
@@ -486,8 +732,11 @@ def fit_hpr(
     report (``fit_results``) are written into the adapter's config, so they are saved with it.
     Under ``torch.distributed`` collection is split over ranks, training runs on rank 0 and the
     weights are broadcast, so every rank ends with the same adapter. ``training_device`` is where the
-    editors train (default CPU; e.g. ``"cuda"``).
+    editors train (default CPU; e.g. ``"cuda"``). ``angle_target`` is ``"paper"`` (default, the
+    paper's target ``angle(x⁻, x⁺)``) or ``"probe"`` (the probe-consistent θ*, two-stage training; see
+    :func:`train_editors`); it is recorded in ``report.settings``.
     """
+    angle_target = _check_angle_target(angle_target)
     t0 = time.perf_counter()
     tuner, adapter, config = _hpr_parts(model, adapter_name)
     hpr_layers = tuner.hpr_layers(adapter)
@@ -570,6 +819,7 @@ def fit_hpr(
             seed=seed,
             progress=progress,
             device=training_device,
+            angle_target=angle_target,
         )
     weights, results = _broadcast(trained)
     timings["training"] = time.perf_counter() - t
@@ -609,6 +859,7 @@ def fit_hpr(
             "lr_schedule": "linear warmup, then linear decay to 0",
             "weight_decay": weight_decay,
             "seed": seed,
+            "angle_target": angle_target,
             "feature_scaling": "per-feature RMS (no centring), folded into the weights",
             "validation_fraction": validation_fraction
             if validation_pairs is None and activations is None
@@ -619,4 +870,12 @@ def fit_hpr(
     return report
 
 
-__all__ = ["EditorWeights", "FitReport", "LayerFitResult", "fit_hpr", "select_layers", "train_editors"]
+__all__ = [
+    "ANGLE_TARGETS",
+    "EditorWeights",
+    "FitReport",
+    "LayerFitResult",
+    "fit_hpr",
+    "select_layers",
+    "train_editors",
+]

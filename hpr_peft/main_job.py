@@ -52,10 +52,11 @@ class JobSettings:
     quick_questions: int = 24
     max_questions: int | None = None
     token_selection: str = "last"
+    angle_target: str = "paper"
     validation_fraction: float = 0.15
     max_validation_questions: int = 60
-    hpr_alphas: tuple[float, ...] = (0.5, 1.0, 1.5)
-    additive_alphas: tuple[float, ...] = (1.0, 2.0, 4.0)
+    hpr_alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
+    additive_alphas: tuple[float, ...] = (0.25, 0.5, 1.0)
     top_ks: tuple[int, ...] = (3,)
     kl_budget: float = 0.1
     epochs: int = 5
@@ -73,6 +74,8 @@ class JobSettings:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}.")
         if self.token_selection not in ("last", "response"):
             raise ValueError(f"token_selection must be 'last' or 'response', got {self.token_selection!r}.")
+        if self.angle_target not in ("paper", "probe"):
+            raise ValueError(f"angle_target must be 'paper' or 'probe', got {self.angle_target!r}.")
         for name in ("hpr_alphas", "additive_alphas", "top_ks"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is empty: give at least one value.")
@@ -167,7 +170,11 @@ def run_main_job(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | N
     collector = AnswerCollector(range(n_layers), token_selection=settings.token_selection)
     scorer_all = TruthfulQAScorer(tokenizer, questions)
     base_result = scorer_all.score(
-        model, context=unedited, progress=settings.progress, desc="unedited + activations", collector=collector
+        model,
+        context=unedited,
+        progress=settings.progress,
+        desc="unedited + activations",
+        collector=collector,
     )
     acts = collector.pair_activations(pairs)
     del collector
@@ -211,6 +218,7 @@ def run_main_job(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | N
             validation_activations=acts.select_groups(val_ids),
             top_k=max(settings.top_ks),
             epochs=settings.epochs,
+            angle_target=settings.angle_target,
             seed=settings.seed + f,
             progress=settings.progress,
         )

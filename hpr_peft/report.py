@@ -24,7 +24,9 @@ class LayerFitResult:
     Accuracies are probe accuracies over positives and negatives stacked (a row is called positive
     when ``w·h > 0``); angle MSE is in radians². ``train_angle_mse`` is the mean over the epoch's
     minibatches; validation metrics are over the whole validation set. ``score`` is the value of
-    a user-supplied layer scorer, when one was used.
+    a user-supplied layer scorer, when one was used. ``angle_best_epoch`` is the epoch of the kept
+    angle net when it was trained in its own stage (``angle_target="probe"``; ``best_epoch`` is then
+    the probe's), else None (one joint stage: ``best_epoch`` for both).
     """
 
     layer: int
@@ -35,6 +37,7 @@ class LayerFitResult:
     best_epoch: int = 0
     history: list[dict[str, float | None]] = field(default_factory=list)
     score: float | None = None
+    angle_best_epoch: int | None = None
 
     @property
     def selection_accuracy(self) -> float:

@@ -61,6 +61,8 @@ def test_fit_cli_writes_adapter_report_and_plot(tiny_dir, tmp_path):
             "24",
             "--token-selection",
             "response",
+            "--angle-target",
+            "probe",
             "--output",
             str(out),
             "--no-progress",
@@ -73,6 +75,8 @@ def test_fit_cli_writes_adapter_report_and_plot(tiny_dir, tmp_path):
     assert config["selected_layers"] == report["selected_layers"]
     assert report["n_train_pairs"] + report["n_val_pairs"] == 24 and report["token_selection"] == "response"
     assert (out / "adapter_model.safetensors").stat().st_size > 0
+    assert report["settings"]["angle_target"] == "probe"
+    assert config["fit_results"]["settings"]["angle_target"] == "probe"
     assert (out / "probe_accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -100,3 +104,5 @@ def test_fit_cli_errors(tiny_dir, tmp_path, capsys):
     assert rc == 2 and "--min-accuracy" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run_fit(["--model", str(tiny_dir), "--data", str(data), "--layers", "a,b", "--output", out])
+    with pytest.raises(SystemExit):
+        run_fit(["--model", str(tiny_dir), "--data", str(data), "--angle-target", "cap", "--output", out])

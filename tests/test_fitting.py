@@ -15,6 +15,7 @@ from hpr_peft.data import ContrastivePair
 from hpr_peft.fitting import fit_hpr, select_layers, train_editors
 from hpr_peft.layer import build_angle_net, predict_angle
 from hpr_peft.report import FitReport, LayerFitResult
+from hpr_peft.rotation import angle_between, probe_consistent_angle, pseudo_rotate
 
 
 def synthetic(
@@ -93,6 +94,84 @@ def test_layer_fit_does_not_depend_on_other_layers():
     both, _ = train_editors(acts, None, epochs=2, progress=False)
     alone, _ = train_editors(acts, None, layers=[0], epochs=2, progress=False)
     torch.testing.assert_close(alone[0].probe_weight, both[0].probe_weight, atol=1e-5, rtol=1e-4)
+
+
+def _angles(editor, x: torch.Tensor) -> torch.Tensor:
+    net = build_angle_net(x.shape[-1], None)
+    net.load_state_dict(editor.angle_state_dict)
+    with torch.no_grad():
+        return predict_angle(net, x)
+
+
+def test_probe_target_keeps_the_probe_and_learns_theta_star():
+    acts = synthetic()
+    train, val = acts.select_pairs(range(320)), acts.select_pairs(range(320, 400))
+    kw = dict(epochs=6, batch_size=16, lr=5e-3, progress=False)
+    _, paper = train_editors(train, val, angle_target="paper", **kw)
+    weights, probe = train_editors(train, val, angle_target="probe", **kw)
+    for a, b in zip(paper, probe, strict=True):
+        # stage 1 is the same BCE, optimiser and minibatches: the same probe accuracy, epoch by epoch
+        assert (b.val_accuracy, b.train_accuracy) == (a.val_accuracy, a.train_accuracy)
+        assert [h["val_accuracy"] for h in b.history] == [h["val_accuracy"] for h in a.history]
+        assert a.angle_best_epoch is None and 1 <= b.angle_best_epoch <= 6
+    assert probe[0].val_accuracy == 1.0
+    # the angle net fits θ* of the installed (raw) probe on negatives, far below the paper's target
+    pos, neg = train.pair_tensors(0)
+    target = probe_consistent_angle(neg, pos, weights[0].probe_weight)
+    error = (_angles(weights[0], neg) - target).abs().mean()
+    assert float(error) < 0.3 * float(target.mean())
+    assert float(target.mean()) < 0.1 * float(angle_between(neg, pos).mean())
+    # folding: the installed weights reproduce the reported validation angle MSE against θ*
+    vpos, vneg = val.pair_tensors(0)
+    vtarget = probe_consistent_angle(vneg, vpos, weights[0].probe_weight)
+    mse = torch.cat([_angles(weights[0], vpos) ** 2, (_angles(weights[0], vneg) - vtarget) ** 2]).mean()
+    assert float(mse) == pytest.approx(probe[0].val_angle_mse, rel=1e-3, abs=1e-9)
+    # without validation data: best probe epoch by training accuracy, angle net by training MSE
+    _, alone = train_editors(acts, None, layers=[0], epochs=2, angle_target="probe", progress=False)
+    assert alone[0].val_accuracy is None and alone[0].val_angle_mse is None
+    assert alone[0].best_epoch >= 1 and alone[0].angle_best_epoch >= 1
+
+
+def shared_offset(n: int = 400, d: int = 32, big: float = 100.0) -> PairActivations:
+    """Every activation = a big constant vector (one massive dimension, as on Gemma-3) + unit noise,
+    with positives and negatives separated along feature 0 only."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2 * n, d, generator=gen)
+    x[:, 1] += big
+    x[0::2, 0] = 0.5 + 0.5 * torch.rand(n, generator=gen)
+    x[1::2, 0] = -0.5 - 0.5 * torch.rand(n, generator=gen)
+    return PairActivations(
+        layers=[0],
+        hidden_size=d,
+        token_selection="last",
+        storage_dtype=torch.float32,
+        pair_group_ids=[f"g{i}" for i in range(n)],
+        seq_offsets=torch.arange(2 * n + 1),
+        pos_rows=torch.arange(0, 2 * n, 2),
+        neg_rows=torch.arange(1, 2 * n, 2),
+        row_pair=torch.arange(n),
+        features={0: x},
+    )
+
+
+def test_probe_target_moves_negatives_only_by_the_probe_gap_under_a_shared_offset():
+    acts = shared_offset()
+    train, val = acts.select_pairs(range(320)), acts.select_pairs(range(320, 400))
+    pos, neg = val.pair_tensors(0)
+    moved = {}
+    for target in ("paper", "probe"):
+        weights, results = train_editors(train, val, epochs=6, lr=2e-2, angle_target=target, progress=False)
+        assert results[0].val_accuracy > 0.95
+        w = weights[0].probe_weight
+        w_hat = w / w.norm()
+        theta = _angles(weights[0], neg)  # alpha = 1
+        edited = pseudo_rotate(neg, w, theta)
+        gap = float(((pos - neg) @ w_hat).median())  # the pair's probe-coordinate gap
+        moved[target] = (float(theta.mean()), float(((edited - neg) @ w_hat).median()) / gap)
+    # the paper's target counts the noise directions the edit cannot move along: ~5x the gap
+    assert moved["probe"][0] < 0.3 * moved["paper"][0]
+    assert 0.5 < moved["probe"][1] < 1.5
+    assert moved["paper"][1] > 3.0
 
 
 def test_select_layers():
@@ -176,7 +255,8 @@ def test_planted_concept_selects_right_layers_and_edit_flips_negatives(tmp_path)
     assert loaded.peft_config["default"].fit_results["selected_layers"] == [2, 3]
 
 
-def test_fit_is_bit_identical_across_runs(tmp_path):
+@pytest.mark.parametrize("angle_target", ["paper", "probe"])
+def test_fit_is_bit_identical_across_runs(tmp_path, angle_target):
     tok = make_char_tokenizer()
     pairs = [
         ContrastivePair(f"Q: n{i}?\nA:", f" yes {i % 3}", f" no {i % 4}", f"g{i // 2}") for i in range(40)
@@ -184,7 +264,8 @@ def test_fit_is_bit_identical_across_runs(tmp_path):
     blobs = []
     for run in range(2):
         peft_model = get_peft_model(make_tiny_causal_lm("llama"), HPRConfig(target_layers=[1, 2, 3]))
-        fit_hpr(peft_model, tok, pairs, top_k=2, epochs=2, seed=7, progress=False)
+        fit_hpr(peft_model, tok, pairs, top_k=2, epochs=2, seed=7, progress=False, angle_target=angle_target)
+        assert peft_model.peft_config["default"].fit_results["settings"]["angle_target"] == angle_target
         peft_model.save_pretrained(tmp_path / f"run{run}")
         blobs.append((tmp_path / f"run{run}" / "adapter_model.safetensors").read_bytes())
     assert blobs[0] == blobs[1]
@@ -229,6 +310,10 @@ def test_fit_bad_inputs():
         fit_hpr(peft_model, tok, planted_pairs(4), validation_fraction=1.5, progress=False)
     with pytest.raises(ValueError, match="epochs"):
         fit_hpr(peft_model, tok, planted_pairs(4), epochs=0, progress=False)
+    with pytest.raises(ValueError, match=r"angle_target must be one of \['paper', 'probe'\]"):
+        fit_hpr(peft_model, tok, planted_pairs(4), angle_target="reflection", progress=False)
+    with pytest.raises(ValueError, match="angle_target"):
+        train_editors(synthetic(n=8), angle_target="Probe", progress=False)
 
 
 def test_report_roundtrip_table_and_plot(tmp_path):

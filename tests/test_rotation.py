@@ -21,6 +21,7 @@ from hpr_peft.rotation import (
     apply_hpr,
     edit_mask,
     mask_from_logits,
+    probe_consistent_angle,
     probe_logits,
     pseudo_rotate,
     reflect,
@@ -557,3 +558,134 @@ def test_bad_inputs_raise_clear_errors() -> None:
         apply_hpr(h, w, 1.0, torch.ones(4, dtype=torch.bool))
     with pytest.raises(ValueError, match="0-dim"):
         reflect(torch.tensor(1.0), w)
+
+
+# ----------------------------------------------------------------------------------------------------
+# probe-consistent angle target θ* = max(0, ∠(x⁻, ŵ) − ∠(x⁺, ŵ))
+# ----------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def pair_cases(draw, dtypes=(torch.float32, torch.float64)):
+    """Pairs (x⁻, x⁺) of shape (n, d) and a probe w, each with its own random scale."""
+    dtype = draw(st.sampled_from(dtypes))
+    d = draw(st.integers(2, 40))
+    n = draw(st.integers(1, 8))
+    seed = draw(st.integers(0, 2**31 - 1))
+    e_neg, e_pos, e_w = (draw(st.integers(-12, 12)) for _ in range(3))
+    g = torch.Generator().manual_seed(seed)
+    x_neg = (torch.randn(n, d, generator=g, dtype=torch.float64) * 10.0**e_neg).to(dtype)
+    x_pos = (torch.randn(n, d, generator=g, dtype=torch.float64) * 10.0**e_pos).to(dtype)
+    w = (torch.randn(d, generator=g, dtype=torch.float64) * 10.0**e_w).to(dtype)
+    return x_neg, x_pos, w
+
+
+def _probe_coordinate(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """ŵ·h/|h| in float64 (test reference)."""
+    h, w = h.double(), w.double()
+    return (h @ (w / w.norm())) / h.norm(dim=-1)
+
+
+@SETTINGS
+@given(case=pair_cases())
+def test_probe_consistent_angle_is_zero_for_equal_or_closer_negatives(case) -> None:
+    x_neg, x_pos, w = case
+    out = probe_consistent_angle(x_neg, x_pos, w)
+    assert out.shape == x_neg.shape[:-1] and torch.isfinite(out).all() and (out >= 0).all()
+    assert out.dtype == (torch.float64 if x_neg.dtype == torch.float64 else torch.float32)
+    assert torch.equal(probe_consistent_angle(x_neg, x_neg, w), torch.zeros_like(out))
+    # of (x, y) and (y, x) the one whose "negative" is already closer to ŵ gets exactly 0
+    swapped = probe_consistent_angle(x_pos, x_neg, w)
+    assert torch.equal(torch.minimum(out, swapped), torch.zeros_like(out))
+    closer = _probe_coordinate(x_neg, w) > _probe_coordinate(x_pos, w) + 1e-6
+    assert (out[closer] == 0).all()
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    d=st.integers(2, 64),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_probe_consistent_angle_matches_planar_toy_vectors(seed: int, d: int, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(seed)
+    n = 16
+    a_neg, a_pos = (torch.rand(n, generator=g, dtype=torch.float64) * 2 * math.pi for _ in range(2))
+    a_w = float(torch.rand(1, generator=g, dtype=torch.float64)) * 2 * math.pi
+    r_neg, r_pos = (
+        10.0 ** torch.empty(n, dtype=torch.float64).uniform_(-3, 3, generator=g) for _ in range(2)
+    )
+    basis, _ = torch.linalg.qr(torch.randn(d, 2, generator=g, dtype=torch.float64))  # a plane in R^d
+
+    def embed(angle: torch.Tensor, radius) -> torch.Tensor:
+        radius = torch.as_tensor(radius, dtype=torch.float64).unsqueeze(-1)
+        return (radius * torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1)) @ basis.T
+
+    def unsigned(a: torch.Tensor) -> torch.Tensor:  # |a - a_w| wrapped into [0, π]
+        return torch.remainder(a - a_w + math.pi, 2 * math.pi).sub(math.pi).abs()
+
+    expected = (unsigned(a_neg) - unsigned(a_pos)).clamp_min(0.0)
+    w = embed(torch.tensor(a_w, dtype=torch.float64), 3.0)
+    out = probe_consistent_angle(embed(a_neg, r_neg).to(dtype), embed(a_pos, r_pos).to(dtype), w.to(dtype))
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=0)
+
+
+@SETTINGS
+@given(case=pair_cases(), scales=st.tuples(*[st.integers(-20, 20)] * 3))
+def test_probe_consistent_angle_invariant_to_positive_rescaling(case, scales) -> None:
+    x_neg, x_pos, w = case
+    a, b, c = (10.0**e for e in scales)
+    out = probe_consistent_angle(x_neg, x_pos, w)
+    scaled = probe_consistent_angle(x_neg * a, x_pos * b, w * c)
+    tol = 1e-5 if x_neg.dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(scaled, out, atol=tol, rtol=0)
+
+
+@SETTINGS
+@given(case=pair_cases())
+def test_rotating_by_probe_consistent_angle_reaches_the_positive_probe_coordinate(case) -> None:
+    x_neg, x_pos, w = case
+    theta = probe_consistent_angle(x_neg, x_pos, w)
+    rotated = pseudo_rotate(x_neg, w, theta)
+    moved = theta > 0
+    target = _probe_coordinate(x_pos, w)
+    tol = 1e-5 if x_neg.dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(_probe_coordinate(rotated, w)[moved], target[moved], atol=tol, rtol=0)
+    # pairs with θ* = 0 are left where they are, already at least as positive as their positive
+    kept, original = rotated[~moved].double(), x_neg[~moved].double()
+    assert ((kept - original).norm(dim=-1) <= tol * original.norm(dim=-1)).all()  # θ = 0: unchanged
+    assert (_probe_coordinate(x_neg, w)[~moved] >= target[~moved] - tol).all()
+
+
+def test_probe_consistent_angle_examples_and_degenerate_inputs() -> None:
+    w = torch.tensor([1.0, 0.0, 0.0])
+    x_neg = torch.tensor([0.0, 1.0, 0.0])  # 90° from ŵ
+    x_pos = torch.tensor([1.0, 0.0, 1.0])  # 45° from ŵ, out of the (x⁻, w) plane
+    assert probe_consistent_angle(x_neg, x_pos, w).item() == pytest.approx(math.pi / 4, abs=1e-6)
+    assert probe_consistent_angle(x_pos, x_neg, w).item() == 0.0
+    # a 1e-6 rad gap near the hyperplane (where Gemma's targets live) is resolved in float32
+    eps = 1e-6
+    near = torch.tensor([math.sin(-eps), math.cos(-eps), 0.0])
+    assert probe_consistent_angle(near, x_neg, w).item() == pytest.approx(eps, rel=1e-4)
+    assert probe_consistent_angle(x_neg, near, w).item() == 0.0
+    far = torch.tensor([math.sin(-eps), math.cos(-eps), 0.0]) * 1e20
+    close = torch.tensor([math.sin(eps), math.cos(eps), 1.0]) * 1e-20
+    # close is eps / sqrt(2) from the hyperplane on the positive side (its third entry is off-plane)
+    assert probe_consistent_angle(far, close, w).item() == pytest.approx(eps * (1 + 0.5**0.5), rel=1e-4)
+    assert probe_consistent_angle(near, torch.tensor([math.sin(eps), math.cos(eps), 0.0]), w).item() == (
+        pytest.approx(2 * eps, rel=1e-4)
+    )
+    zeros = torch.zeros(3)
+    assert probe_consistent_angle(zeros, x_pos, w).item() == 0.0
+    assert probe_consistent_angle(x_neg, zeros, w).item() == 0.0
+    assert probe_consistent_angle(x_neg, x_pos, zeros).item() == 0.0
+    assert probe_consistent_angle(x_neg.expand(4, 3), x_pos, w).shape == (4,)  # broadcasting
+    assert probe_consistent_angle(x_neg.bfloat16(), x_pos.bfloat16(), w).dtype == torch.float32
+    h = x_neg.detach().requires_grad_(True)
+    probe_consistent_angle(h, x_pos, w).backward()
+    assert torch.isfinite(h.grad).all()
+    with pytest.raises(ValueError, match="last dimension"):
+        probe_consistent_angle(x_neg, torch.zeros(4), w)
+    with pytest.raises(ValueError, match="hidden size"):
+        probe_consistent_angle(x_neg, x_pos, torch.zeros(4))

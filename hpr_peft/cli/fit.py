@@ -57,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=16, help="Pairs per training step.")
     parser.add_argument(
+        "--angle-target",
+        choices=["paper", "probe"],
+        default="paper",
+        help="Angle-net target: 'paper' = angle(x-, x+) (the paper's); 'probe' = the probe-consistent angle "
+        "theta* (moves a negative to its positive's probe coordinate; two-stage training).",
+    )
+    parser.add_argument(
         "--collect-batch-size", type=int, default=8, help="Sequences per forward pass while collecting."
     )
     parser.add_argument("--token-selection", choices=["last", "response"], default="last")
@@ -132,6 +139,7 @@ def _run(args: argparse.Namespace) -> int:
         lr=args.lr,
         batch_size=args.batch_size,
         seed=args.seed,
+        angle_target=args.angle_target,
         token_selection=args.token_selection,
         collection_batch_size=args.collect_batch_size,
         progress=not args.no_progress,

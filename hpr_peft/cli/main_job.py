@@ -30,10 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder with mc_task.json (default ../shared/data/truthfulqa or $HPR_TRUTHFULQA_DIR), "
         "or the Hub id truthfulqa/truthful_qa",
     )
-    parser.add_argument("--folds", type=int, default=2, help="cross-validation folds by question (default 2)")
-    parser.add_argument("--seed", type=int, default=0)
+    # Defaults of the job's settings live in hpr_peft.main_job.JobSettings; None here means "its default".
+    parser.add_argument(
+        "--folds", type=int, default=None, help="cross-validation folds by question (default 2)"
+    )
+    parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="a few questions only (CI smoke test)")
-    parser.add_argument("--quick-questions", type=int, default=24)
+    parser.add_argument("--quick-questions", type=int, default=None)
     parser.add_argument(
         "--max-questions",
         type=int,
@@ -43,26 +46,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-selection",
         choices=["last", "response"],
-        default="last",
+        default=None,
         help="which completion tokens train the editors (default last)",
     )
-    parser.add_argument("--hpr-alphas", type=_floats, default=(0.5, 1.0, 1.5))
+    parser.add_argument(
+        "--angle-target",
+        choices=["paper", "probe"],
+        default=None,
+        help="what the angle nets learn: the paper's angle(x-, x+) or the probe-consistent angle (default paper)",
+    )
+    parser.add_argument(
+        "--hpr-alphas", type=_floats, default=None, help="HPR strengths to sweep (default 0.5,1,2)"
+    )
     parser.add_argument(
         "--additive-alphas",
         type=_floats,
-        default=(1.0, 2.0, 4.0),
-        help="multiples of the per-layer std of projections (normalised vectors)",
+        default=None,
+        help="multiples of the per-layer std of projections (normalised vectors; default 0.25,0.5,1)",
     )
-    parser.add_argument("--top-k", type=_ints, default=(3,), help="numbers of layers to try, e.g. 3,5")
+    parser.add_argument(
+        "--top-k", type=_ints, default=None, help="numbers of layers to try, e.g. 3,5 (default 3)"
+    )
     parser.add_argument(
         "--kl-budget",
         type=float,
-        default=0.1,
-        help="settings are chosen on validation data among those with KL <= this",
+        default=None,
+        help="settings are chosen on validation data among those with KL <= this (default 0.1)",
     )
-    parser.add_argument("--validation-fraction", type=float, default=0.15)
-    parser.add_argument("--max-validation-questions", type=int, default=60)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--validation-fraction", type=float, default=None)
+    parser.add_argument("--max-validation-questions", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument(
         "--neutral-paragraphs",
         type=int,
@@ -76,26 +89,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from hpr_peft.main_job import JobSettings, run_main_job
 
+    overrides = {
+        "folds": args.folds,
+        "seed": args.seed,
+        "quick_questions": args.quick_questions,
+        "max_questions": args.max_questions,
+        "token_selection": args.token_selection,
+        "angle_target": args.angle_target,
+        "hpr_alphas": args.hpr_alphas,
+        "additive_alphas": args.additive_alphas,
+        "top_ks": args.top_k,
+        "kl_budget": args.kl_budget,
+        "validation_fraction": args.validation_fraction,
+        "max_validation_questions": args.max_validation_questions,
+        "epochs": args.epochs,
+        "neutral_paragraphs": args.neutral_paragraphs,
+        "threads": args.threads,
+    }
     settings = JobSettings(
         model=args.model,
         output_dir=args.output or f"outputs/{args.model.rstrip('/').split('/')[-1]}",
         truthfulqa_dir=args.truthfulqa_dir,
-        folds=args.folds,
-        seed=args.seed,
         quick=args.quick,
-        quick_questions=args.quick_questions,
-        max_questions=args.max_questions,
-        token_selection=args.token_selection,
-        hpr_alphas=args.hpr_alphas,
-        additive_alphas=args.additive_alphas,
-        top_ks=args.top_k,
-        kl_budget=args.kl_budget,
-        validation_fraction=args.validation_fraction,
-        max_validation_questions=args.max_validation_questions,
-        epochs=args.epochs,
-        neutral_paragraphs=args.neutral_paragraphs,
-        threads=args.threads,
         progress=not args.no_progress,
+        **{name: value for name, value in overrides.items() if value is not None},
     )
     run_main_job(settings)
     return 0
