@@ -36,7 +36,15 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JobSettings", "format_table", "run_main_job"]
+__all__ = ["MODEL_DEFAULTS", "JobSettings", "format_table", "run_main_job"]
+
+# Recommended settings per bundled model, used by ``hpr-peft main`` where the command line is silent.
+# Gemma-3's residual stream is dominated by a few massive dimensions shared by every token, so the
+# paper's angle target overshoots by 10-35 sd along the probe direction and breaks the model (KL ≈ 8
+# at α=0.5); the probe-consistent target does not (docs/math.md, docs/results.md).
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma3": {"angle_target": "probe", "hpr_alphas": (0.5, 1.0, 2.0)},
+}
 
 
 @dataclass
@@ -55,7 +63,7 @@ class JobSettings:
     angle_target: str = "paper"
     validation_fraction: float = 0.15
     max_validation_questions: int = 60
-    hpr_alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
+    hpr_alphas: tuple[float, ...] = (0.5, 1.0, 1.5)
     additive_alphas: tuple[float, ...] = (0.25, 0.5, 1.0)
     top_ks: tuple[int, ...] = (3,)
     kl_budget: float = 0.1

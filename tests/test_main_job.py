@@ -38,6 +38,23 @@ def test_cli_parses_main_and_eval():
         build_parser("main").parse_args(["main", "--top-k", "three"])
 
 
+def test_cli_applies_model_defaults_unless_overridden():
+    from hpr_peft.cli.main_job import settings_from_args
+    from hpr_peft.main_job import MODEL_DEFAULTS
+
+    parse = build_parser("main").parse_args
+    plain = settings_from_args(parse(["main"]))
+    assert plain.angle_target == "paper" and plain.hpr_alphas == JobSettings().hpr_alphas
+    gemma = settings_from_args(parse(["main", "--model", "gemma3"]))
+    assert gemma.angle_target == "probe" and gemma.hpr_alphas == MODEL_DEFAULTS["gemma3"]["hpr_alphas"]
+    mine = settings_from_args(
+        parse(["main", "--model", "gemma3", "--angle-target", "paper", "--epochs", "2"])
+    )
+    assert mine.angle_target == "paper" and mine.epochs == 2 and mine.output_dir == "outputs/gemma3"
+    with pytest.raises(ValueError, match="angle_target"):
+        JobSettings(angle_target="reflection").validate()
+
+
 @pytest.mark.slow
 def test_quick_job_end_to_end(smollm2, truthfulqa_dir, tmp_path):
     """The whole job on 8 questions: a tiny random Llama with SmolLM2's real tokenizer (fast)."""

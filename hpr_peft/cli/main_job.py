@@ -86,8 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def run(args: argparse.Namespace) -> int:
-    from hpr_peft.main_job import JobSettings, run_main_job
+def settings_from_args(args: argparse.Namespace):
+    """The job's :class:`~hpr_peft.main_job.JobSettings`: command line, then the model's recommended
+    defaults (``MODEL_DEFAULTS``), then the dataclass defaults."""
+    from hpr_peft.main_job import MODEL_DEFAULTS, JobSettings
 
     overrides = {
         "folds": args.folds,
@@ -106,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
         "neutral_paragraphs": args.neutral_paragraphs,
         "threads": args.threads,
     }
+    for name, value in MODEL_DEFAULTS.get(args.model, {}).items():
+        if overrides.get(name) is None:
+            overrides[name] = value
     settings = JobSettings(
         model=args.model,
         output_dir=args.output or f"outputs/{args.model.rstrip('/').split('/')[-1]}",
@@ -114,5 +119,11 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         **{name: value for name, value in overrides.items() if value is not None},
     )
-    run_main_job(settings)
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    from hpr_peft.main_job import run_main_job
+
+    run_main_job(settings_from_args(args))
     return 0
