@@ -300,6 +300,29 @@ def _probe_metrics(
     return correct / (2 * n), bce / (2 * n)
 
 
+def _pair_batches(xp: torch.Tensor, xn: torch.Tensor, perm: torch.Tensor, batch_size: int):
+    """``(idx, b, x)`` per minibatch of ``perm``: ``x`` stacks the positives then the negatives, ``(L, 2b, d)``."""
+    for start in range(0, perm.numel(), batch_size):
+        idx = perm[start : start + batch_size]
+        yield idx, idx.numel(), torch.cat([xp.index_select(1, idx), xn.index_select(1, idx)], dim=1)
+
+
+def _init_angle_output_bias(B: list[torch.Tensor], target: torch.Tensor, n: int) -> None:
+    """Start each angle net at logit(mean target / π) (positives' target 0 counts), not near 0."""
+    mean_angle = (target.sum(1) / (2 * n)).clamp(1e-4, math.pi * (1 - 1e-4))
+    with torch.no_grad():
+        p = mean_angle / math.pi
+        B[-1][:, 0] = torch.log(p) - torch.log1p(-p)
+
+
+def _keep_best(best: list[torch.Tensor], params: list[torch.Tensor], improved: torch.Tensor) -> None:
+    """Copy the layers whose epoch ``improved`` from ``params`` into ``best`` (layer-major tensors)."""
+    with torch.no_grad():
+        for kept, current in zip(best, params, strict=True):
+            mask = improved.view(-1, *([1] * (current.dim() - 1)))
+            kept.copy_(torch.where(mask, current.detach(), kept))
+
+
 def _probe_targets(acts: PairActivations, layers: list[int], w_raw: torch.Tensor, device) -> torch.Tensor:
     """θ* of every pair, ``(L, N)``, from the raw activations (re-read one layer at a time, so the
     standardised training stack is not unscaled with rounding) and the raw probes ``(L, d)``."""
@@ -360,10 +383,7 @@ def _train_chunk_two_stage(
     probe_metrics: list[dict[str, float | None]] = [{} for _ in range(L)]
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(N, generator=gen).to(device)
-        for start in range(0, N, batch_size):
-            idx = perm[start : start + batch_size]
-            b = idx.numel()
-            x = torch.cat([xp.index_select(1, idx), xn.index_select(1, idx)], dim=1)  # (L, 2b, d)
+        for _idx, b, x in _pair_batches(xp, xn, perm, batch_size):
             y = labels if b == batch_size else labels.new_tensor([1.0] * b + [0.0] * b)
             logits = _probe_logits(x, w)
             bce = F.binary_cross_entropy_with_logits(logits, y.expand(L, -1), reduction="none").mean(1)
@@ -401,10 +421,7 @@ def _train_chunk_two_stage(
     target = _probe_targets(train, layers, w_raw, device)  # (L, N)
     vtarget = _probe_targets(validation, layers, w_raw, device) if vp is not None else None
     W, B = _init_angle_params(d, hidden_sizes, seed, layers, device)
-    mean_angle = (target.sum(1) / (2 * N)).clamp(1e-4, math.pi * (1 - 1e-4))  # positives contribute 0
-    with torch.no_grad():
-        p = mean_angle / math.pi
-        B[-1][:, 0] = torch.log(p) - torch.log1p(-p)
+    _init_angle_output_bias(B, target, N)
     params = [*W, *B]
     optimizer = _adamw(params, lr=lr, weight_decay=weight_decay)
     scheduler = _linear_schedule(optimizer, total, warmup)
@@ -415,10 +432,7 @@ def _train_chunk_two_stage(
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(N, generator=gen).to(device)
         mse_sum = torch.zeros(L, dtype=torch.float64, device=device)
-        for start in range(0, N, batch_size):
-            idx = perm[start : start + batch_size]
-            b = idx.numel()
-            x = torch.cat([xp.index_select(1, idx), xn.index_select(1, idx)], dim=1)
+        for idx, b, x in _pair_batches(xp, xn, perm, batch_size):
             t = torch.cat([target.new_zeros(L, b), target.index_select(1, idx)], dim=1)
             angle = math.pi * torch.sigmoid(_angle_logits(x, W, B))
             mse = (angle - t).pow(2).mean(1)
@@ -446,10 +460,7 @@ def _train_chunk_two_stage(
             if bool(improved[i]):
                 angle_epoch[i] = epoch
                 angle_metrics[i] = dict(record)
-        with torch.no_grad():
-            for kept, current in zip(best, params, strict=True):
-                mask = improved.view(L, *([1] * (current.dim() - 1)))
-                kept.copy_(torch.where(mask, current.detach(), kept))
+        _keep_best(best, params, improved)
         best_mse = torch.where(improved, key_mse, best_mse)
         if bar is not None:
             shown = val_mse if val_mse is not None else train_mse
@@ -517,10 +528,7 @@ def _train_chunk(
 
     w = torch.zeros(L, d, device=device, requires_grad=True)
     W, B = _init_angle_params(d, hidden_sizes, seed, layers, device)
-    mean_angle = (target.sum(1) / (2 * N)).clamp(1e-4, math.pi * (1 - 1e-4))  # positives contribute 0
-    with torch.no_grad():
-        p = mean_angle / math.pi
-        B[-1][:, 0] = torch.log(p) - torch.log1p(-p)
+    _init_angle_output_bias(B, target, N)
     params = [w, *W, *B]
     optimizer = _adamw(params, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(N / batch_size)
@@ -544,10 +552,7 @@ def _train_chunk(
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(N, generator=gen).to(device)
         mse_sum = torch.zeros(L, dtype=torch.float64, device=device)
-        for start in range(0, N, batch_size):
-            idx = perm[start : start + batch_size]
-            b = idx.numel()
-            x = torch.cat([xp.index_select(1, idx), xn.index_select(1, idx)], dim=1)  # (L, 2b, d)
+        for idx, b, x in _pair_batches(xp, xn, perm, batch_size):
             y = labels if b == batch_size else labels.new_tensor([1.0] * b + [0.0] * b)
             t = torch.cat([target.new_zeros(L, b), target.index_select(1, idx)], dim=1)
             logits = _probe_logits(x, w)
@@ -587,10 +592,7 @@ def _train_chunk(
             if bool(improved[i]):
                 best_epoch[i] = epoch
                 best_metrics[i] = record
-        with torch.no_grad():
-            for kept, current in zip(best, params, strict=True):
-                mask = improved.view(L, *([1] * (current.dim() - 1)))
-                kept.copy_(torch.where(mask, current.detach(), kept))
+        _keep_best(best, params, improved)
         best_key = torch.where(improved, key, best_key)
         best_mse = torch.where(improved, key_mse, best_mse)
         if bar is not None:
