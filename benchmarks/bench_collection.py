@@ -64,10 +64,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from hpr_peft.activations import collect_activations
-    from hpr_peft.architecture import num_decoder_layers
     from hpr_peft.data import load_truthfulqa
-    from hpr_peft.models import load_bundled
+    from hpr_peft.fitting.activations import collect_activations
+    from hpr_peft.runtime.blocks import num_decoder_layers
+    from hpr_peft.runtime.bundled_models import load_bundled
 
     if args.random_init_from:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

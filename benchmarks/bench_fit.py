@@ -18,7 +18,7 @@ import torch
 
 
 def random_activations(n_pairs: int, n_layers: int, d: int, seed: int = 0):
-    from hpr_peft.activations import PairActivations
+    from hpr_peft.fitting.activations import PairActivations
 
     gen = torch.Generator().manual_seed(seed)
     feats = {}
@@ -41,9 +41,9 @@ def random_activations(n_pairs: int, n_layers: int, d: int, seed: int = 0):
 
 
 def real_activations(n_pairs: int, batch_size: int):
-    from hpr_peft.activations import collect_activations
     from hpr_peft.data import load_truthfulqa
-    from hpr_peft.models import load_bundled
+    from hpr_peft.fitting.activations import collect_activations
+    from hpr_peft.runtime.bundled_models import load_bundled
 
     model, tokenizer = load_bundled("smollm2")
     pairs = load_truthfulqa()
@@ -71,8 +71,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from hpr_peft.data.splits import split_groups
     from hpr_peft.fitting import select_layers, train_editors
-    from hpr_peft.splits import split_groups
 
     result: dict = {
         "device": args.device,

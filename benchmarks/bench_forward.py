@@ -87,7 +87,7 @@ def build_variants(seed: int) -> tuple[dict[str, Callable[[dict], torch.Tensor]]
 
 def fraction_flagged(model, batch: dict) -> float:
     """Mean fraction of eligible tokens the probes flag (monitor mode: probes run, nothing edited)."""
-    from hpr_peft.control import monitor
+    from hpr_peft.tuner.control import monitor
 
     with torch.no_grad(), monitor(model) as records:
         model(**batch)

@@ -2,7 +2,7 @@
 
 Both variants score the same questions with the real SmolLM2-135M (bundled GGUF) and the shared primer
 KV cache; ``plain`` runs one question forward plus one answer batch per question (the pre-packing
-path), ``packed`` runs :mod:`hpr_peft.packing` batches of about ``--max-tokens`` tokens. The variants
+path), ``packed`` runs :mod:`hpr_peft.evaluation.packing` batches of about ``--max-tokens`` tokens. The variants
 alternate for ``--rounds`` rounds after a warm-up, and the script prints one JSON line with the median
 seconds, tokens/s, the speed-up ``plain / packed`` and the largest score difference between them.
 
@@ -30,7 +30,7 @@ def main() -> None:
 
     from hpr_peft.data import load_truthfulqa_mc
     from hpr_peft.evaluation import TruthfulQAScorer
-    from hpr_peft.models import load_bundled
+    from hpr_peft.runtime.bundled_models import load_bundled
 
     model, tokenizer = load_bundled("smollm2")
     model.eval()

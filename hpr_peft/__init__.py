@@ -10,9 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from hpr_peft.config import HPRConfig
-from hpr_peft.layer import HPRLayer
-from hpr_peft.model import HPRModel, register_hpr
+from hpr_peft.tuner import HPRConfig, HPRLayer, HPRModel, register_hpr
 
 register_hpr()
 
@@ -20,17 +18,17 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported on first access)
 _LAZY_EXPORTS: dict[str, str] = {
-    "edit_settings": "hpr_peft.control",
-    "monitor": "hpr_peft.control",
+    "edit_settings": "hpr_peft.tuner.control",
+    "monitor": "hpr_peft.tuner.control",
     "ContrastivePair": "hpr_peft.data",
     "MCQuestion": "hpr_peft.data",
     "load_truthfulqa": "hpr_peft.data",
     "load_truthfulqa_mc": "hpr_peft.data",
     "load_pairs_jsonl": "hpr_peft.data",
-    "split_groups": "hpr_peft.splits",
-    "kfold_groups": "hpr_peft.splits",
-    "collect_activations": "hpr_peft.activations",
-    "PairActivations": "hpr_peft.activations",
+    "split_groups": "hpr_peft.data.splits",
+    "kfold_groups": "hpr_peft.data.splits",
+    "collect_activations": "hpr_peft.fitting.activations",
+    "PairActivations": "hpr_peft.fitting.activations",
     "fit_hpr": "hpr_peft.fitting",
     "train_editors": "hpr_peft.fitting",
     "select_layers": "hpr_peft.fitting",
@@ -40,15 +38,15 @@ _LAZY_EXPORTS: dict[str, str] = {
     "load_adapter": "hpr_peft.hub",
     "AutoHPRModelForCausalLM": "hpr_peft.hub",
     "HubAccessError": "hpr_peft.hub",
-    "save_adapter_atomic": "hpr_peft.saving",
+    "save_adapter_atomic": "hpr_peft.runtime.atomic_files",
     "save_pairs_jsonl": "hpr_peft.data",
     "QA_PRIMER": "hpr_peft.data",
     "qa_prompt": "hpr_peft.data",
-    "GroupSplit": "hpr_peft.splits",
-    "save_split": "hpr_peft.splits",
-    "load_split": "hpr_peft.splits",
-    "load_bundled": "hpr_peft.models",
-    "load_causal_lm": "hpr_peft.models",
+    "GroupSplit": "hpr_peft.data.splits",
+    "save_split": "hpr_peft.data.splits",
+    "load_split": "hpr_peft.data.splits",
+    "load_bundled": "hpr_peft.runtime.bundled_models",
+    "load_causal_lm": "hpr_peft.runtime.bundled_models",
 }
 
 __all__ = ["HPRConfig", "HPRLayer", "HPRModel", "__version__", *sorted(_LAZY_EXPORTS)]

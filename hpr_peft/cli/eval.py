@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     import hpr_peft  # noqa: F401  (registers the PEFT type)
     from hpr_peft.evaluation import evaluate_truthfulqa
-    from hpr_peft.main_job import _load_model
+    from hpr_peft.experiment.job import _load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         model = PeftModel.from_pretrained(model, args.adapter)
         model.eval()
         if args.alpha is not None:
-            from hpr_peft.control import edit_settings
+            from hpr_peft.tuner.control import edit_settings
 
             alpha = args.alpha
 

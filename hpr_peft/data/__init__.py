@@ -1,0 +1,53 @@
+"""Data: prompt formats, contrastive pairs (JSONL), TruthfulQA loaders and group splits."""
+
+from hpr_peft.data.splits import (
+    Fold,
+    GroupSplit,
+    filter_by_group,
+    filter_pairs,
+    filter_questions,
+    kfold_groups,
+    load_folds,
+    load_split,
+    save_split,
+    split_groups,
+)
+from hpr_peft.data.truthfulqa import (
+    HUB_DATASET_ID,
+    QA_PRIMER,
+    ContrastivePair,
+    MCQuestion,
+    default_truthfulqa_dir,
+    load_pairs_jsonl,
+    load_truthfulqa,
+    load_truthfulqa_mc,
+    mc_chat_prompt,
+    qa_prompt,
+    save_pairs_jsonl,
+    truthfulqa_question_id,
+)
+
+__all__ = [
+    "HUB_DATASET_ID",
+    "QA_PRIMER",
+    "ContrastivePair",
+    "Fold",
+    "GroupSplit",
+    "MCQuestion",
+    "default_truthfulqa_dir",
+    "filter_by_group",
+    "filter_pairs",
+    "filter_questions",
+    "kfold_groups",
+    "load_folds",
+    "load_pairs_jsonl",
+    "load_split",
+    "load_truthfulqa",
+    "load_truthfulqa_mc",
+    "mc_chat_prompt",
+    "qa_prompt",
+    "save_pairs_jsonl",
+    "save_split",
+    "split_groups",
+    "truthfulqa_question_id",
+]

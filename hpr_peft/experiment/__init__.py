@@ -1,0 +1,1 @@
+"""The application layer: the cross-validated TruthfulQA job and its plots."""

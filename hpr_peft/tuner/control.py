@@ -1,0 +1,168 @@
+"""Run-time control of a fitted HPR model: temporary settings and probe monitoring.
+
+``edit_settings(model, alpha=..., layers=...)`` changes the strength and/or which blocks edit for the
+duration of a ``with`` block, without rebuilding anything, and restores the previous settings on exit
+(also when the block raises). Persistent equivalents: ``HPRModel.set_alpha`` and
+``HPRModel.set_selected_layers`` (these also update the saved config).
+
+``monitor(model)`` runs the probes *without editing* (the model then computes exactly the base
+model's outputs) and records, per edited block: how many eligible tokens there were, how many the
+probe flagged, the probe scores ``w·h`` of the eligible tokens and the predicted angles ``f(h)`` (radians,
+before ``alpha``) of the flagged ones. Eligible tokens are real (non-padding) tokens the editor may
+touch: padding is never counted, nor the sequence start when ``skip_sequence_start`` is on, nor
+non-final positions with ``edit_positions="last"``. All layers holding the adapter are monitored,
+including ones switched off by ``selected_layers``.
+
+``model`` may be a ``PeftModel`` or the ``HPRModel`` itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hpr_peft.tuner.layer import HPRLayer
+from hpr_peft.tuner.model import HPRModel, _check_alpha, _check_layers
+
+
+def hpr_tuner(model: Any) -> HPRModel:
+    """The :class:`HPRModel` inside ``model`` (a PeftModel or the tuner itself)."""
+    if isinstance(model, HPRModel):
+        return model
+    tuner = getattr(model, "base_model", None)
+    if isinstance(tuner, HPRModel):
+        return tuner
+    raise TypeError(
+        f"Expected a PeftModel with an HPR adapter (or an HPRModel), got {type(model).__name__}. "
+        "Create it with peft.get_peft_model(model, HPRConfig(...)) after `import hpr_peft`."
+    )
+
+
+@contextmanager
+def edit_settings(
+    model: Any,
+    alpha: float | None = None,
+    layers: Iterable[int] | None = None,
+    adapter_name: str | None = None,
+) -> Iterator[None]:
+    """Temporarily set ``alpha`` and/or the blocks that edit (``layers``: block indices that edit;
+    all other blocks of the adapter are switched off; ``[]`` switches every block off). ``None`` leaves
+    a setting unchanged. Previous values are restored on exit, also on exceptions.
+    """
+    tuner = hpr_tuner(model)
+    adapter = tuner._adapter_or_active(adapter_name)
+    hpr_layers = tuner.hpr_layers(adapter)
+    new_alpha = None if alpha is None else _check_alpha(alpha)
+    chosen = None if layers is None else _check_layers(layers, hpr_layers)
+    saved = {i: (layer.hpr_alpha[adapter], layer.hpr_selected[adapter]) for i, layer in hpr_layers.items()}
+    try:
+        for index, layer in hpr_layers.items():
+            if new_alpha is not None:
+                layer.hpr_alpha[adapter] = new_alpha
+            if chosen is not None:
+                layer.hpr_selected[adapter] = index in chosen
+        yield
+    finally:
+        for index, layer in hpr_layers.items():
+            layer.hpr_alpha[adapter], layer.hpr_selected[adapter] = saved[index]
+
+
+@dataclass
+class LayerRecord:
+    """What the probe of one block saw during :func:`monitor` (accumulated over forward calls)."""
+
+    layer_index: int
+    active: bool
+    alpha: float
+    n_tokens: int = 0
+    n_flagged: int = 0
+    _scores: list[torch.Tensor] = field(default_factory=list, repr=False)
+    _angles: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    @property
+    def fraction_flagged(self) -> float:
+        """Fraction of eligible (non-padding) tokens the probe flags for editing (nan if none seen)."""
+        return self.n_flagged / self.n_tokens if self.n_tokens else math.nan
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """Probe scores ``w·h`` of all eligible tokens (float32, CPU)."""
+        return torch.cat(self._scores) if self._scores else torch.empty(0)
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        """Probe probabilities ``sigmoid(w·h)`` of all eligible tokens."""
+        return torch.sigmoid(self.scores)
+
+    @property
+    def angles(self) -> torch.Tensor:
+        """Predicted angles ``f(h)`` in radians of the flagged tokens (before ``alpha``)."""
+        return torch.cat(self._angles) if self._angles else torch.empty(0)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able summary (fraction flagged, mean/max angle in radians, mean probability)."""
+        angles = self.angles
+        return {
+            "layer": self.layer_index,
+            "active": self.active,
+            "n_tokens": self.n_tokens,
+            "n_flagged": self.n_flagged,
+            "fraction_flagged": self.fraction_flagged,
+            "mean_angle": float(angles.mean()) if angles.numel() else math.nan,
+            "max_angle": float(angles.max()) if angles.numel() else math.nan,
+            "mean_probability": float(self.probabilities.mean()) if self.n_tokens else math.nan,
+        }
+
+
+class MonitorRecords(dict):
+    """``{block index: LayerRecord}`` filled by :func:`monitor`."""
+
+    def summary(self) -> list[dict[str, Any]]:
+        return [record.summary() for _, record in sorted(self.items())]
+
+
+@contextmanager
+def monitor(model: Any, adapter_name: str | None = None) -> Iterator[MonitorRecords]:
+    """Run probes without editing and record per-layer statistics (see module docstring).
+
+    >>> with monitor(peft_model) as records:
+    ...     peft_model(**batch)
+    >>> records[10].fraction_flagged, records[10].angles
+    """
+    tuner = hpr_tuner(model)
+    adapter = tuner._adapter_or_active(adapter_name)
+    hpr_layers = tuner.hpr_layers(adapter)
+    records = MonitorRecords(
+        {
+            index: LayerRecord(index, layer.hpr_selected[adapter], layer.hpr_alpha[adapter])
+            for index, layer in hpr_layers.items()
+        }
+    )
+
+    def record(
+        layer: HPRLayer, name: str, scores: torch.Tensor, flagged: torch.Tensor, angles: torch.Tensor
+    ) -> None:
+        if name != adapter:
+            return
+        entry = records[layer.layer_index]
+        entry.n_tokens += int(scores.numel())
+        entry.n_flagged += int(flagged.sum())
+        entry._scores.append(scores.detach().float().cpu())
+        entry._angles.append(angles.detach().float().cpu())
+
+    previous = {index: layer.monitor_callback for index, layer in hpr_layers.items()}
+    try:
+        for layer in hpr_layers.values():
+            layer.monitor_callback = record
+        yield records
+    finally:
+        for index, layer in hpr_layers.items():
+            layer.monitor_callback = previous[index]
+
+
+__all__ = ["LayerRecord", "MonitorRecords", "edit_settings", "hpr_tuner", "monitor"]

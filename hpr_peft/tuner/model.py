@@ -1,0 +1,277 @@
+"""HPRModel: the PEFT tuner that injects :class:`~hpr_peft.tuner.layer.HPRLayer` around decoder blocks.
+
+Blocks are found structurally (:func:`hpr_peft.runtime.blocks.find_decoder_stack`), not by module-name
+patterns (peft's ``layers_to_transform`` regex cannot select whole blocks). The tuner also installs a
+:class:`~hpr_peft.runtime.positions.PositionTracker` on the top-level model so that every editor knows which
+positions of the current call are padding or sequence starts.
+
+Checkpoint keys are flat per adapter: ``<block>.hpr_probe.weight`` and ``<block>.hpr_angle.<i>.weight``
+(the adapter name is removed also from the middle of angle-net keys, so an adapter loads under any
+name). Merging is impossible (the edit depends on the input) and raises ``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import PeftType
+from torch import nn
+
+from hpr_peft.runtime.blocks import DecoderStack, decoder_layer_index, find_decoder_stack, hidden_size_of
+from hpr_peft.runtime.positions import PositionTracker
+from hpr_peft.tuner.config import HPRConfig, ensure_peft_type
+from hpr_peft.tuner.layer import HPRLayer
+
+_MERGE_ERROR = (
+    "HPR cannot be merged into the base weights: the edit depends on the input (the probe decides per token "
+    "whether to rotate, the angle net how far), so there is no static weight delta. Keep the PeftModel for "
+    "edited inference, or call unload() to get the untouched base model back."
+)
+_ADAPTER_CONTAINERS = ("hpr_probe", "hpr_angle")
+
+
+class HPRModel(BaseTuner):
+    """Householder Pseudo-Rotation tuner: wraps the targeted decoder blocks of a causal LM.
+
+    Use through ``peft.get_peft_model(model, HPRConfig(...))`` after ``import hpr_peft``.
+    """
+
+    prefix: str = "hpr_"
+    tuner_layer_cls = HPRLayer
+    target_module_mapping: dict = {}  # noqa: RUF012 - required BaseTuner attribute, unused by HPR
+
+    # ------------------------------------------------------------------ injection
+
+    def _stack(self) -> DecoderStack:
+        cached = getattr(self, "_hpr_stack", None)
+        if cached is None:
+            cached = find_decoder_stack(self.model)
+        return cached
+
+    def _pre_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
+        if getattr(self, "hpr_tracker", None) is None:
+            self.hpr_tracker = PositionTracker()
+            self.hpr_tracker.attach(model)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """Validate the adapter's config against the model, then let peft inject it.
+
+        Also reached by ``add_adapter`` / ``load_adapter`` (which skip ``_pre_injection_hook``), so a
+        bad second adapter fails before any block is touched.
+        """
+        config = self.peft_config[adapter_name]
+        if not isinstance(config, HPRConfig):
+            raise TypeError(f"HPRModel needs an HPRConfig, got {type(config).__name__}.")
+        stack = find_decoder_stack(model)
+        config.resolved_selected_layers(len(stack))  # validates target/selected ranges early
+        self._hpr_stack = stack  # reused while matching modules (the ModuleList object stays the same)
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    def _prepare_adapter_config(self, peft_config: Any, model_config: dict) -> Any:
+        return peft_config  # targets are decoder-block indices, resolved structurally
+
+    def _check_target_module_exists(self, peft_config: Any, key: str) -> bool:  # type: ignore[override]
+        stack = self._stack()
+        index = decoder_layer_index(stack, key)
+        if index is None:
+            return False
+        return index in peft_config.resolved_target_layers(len(stack))
+
+    def _create_and_replace(
+        self,
+        peft_config: Any,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        stack = self._stack()
+        index = decoder_layer_index(stack, current_key)
+        if index is None:  # pragma: no cover - guarded by _check_target_module_exists
+            raise ValueError(f"{current_key!r} is not a decoder block; HPR targets whole decoder blocks.")
+        selected = index in peft_config.resolved_selected_layers(len(stack))
+        if isinstance(target, HPRLayer):
+            target.update_layer(adapter_name, peft_config, selected=selected)
+            return
+        if isinstance(target, BaseTunerLayer):
+            raise ValueError(
+                f"Block {current_key!r} is already wrapped by another PEFT method ({type(target).__name__}); "
+                "HPR must wrap the plain decoder block."
+            )
+        new_module = HPRLayer(
+            target,
+            adapter_name,
+            peft_config,
+            hidden_size=hidden_size_of(self.model),
+            layer_index=index,
+            tracker=self.hpr_tracker,
+            selected=selected,
+        )
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(
+        self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module
+    ) -> None:
+        # Decoder blocks have no `.weight`; HPRLayer places its adapter weights itself (device of the
+        # block's first non-meta parameter), so only the attribute swap is needed here.
+        setattr(parent, child_name, new_module)
+
+    # ------------------------------------------------------------------ merge / unload
+
+    def _check_merge_allowed(self) -> None:
+        raise NotImplementedError(_MERGE_ERROR)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Not possible for HPR (input-dependent edit): raises ``NotImplementedError``."""
+        raise NotImplementedError(_MERGE_ERROR)
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Not possible for HPR (input-dependent edit): raises ``NotImplementedError``. Use ``unload()``."""
+        raise NotImplementedError(_MERGE_ERROR)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        if merge:
+            raise NotImplementedError(_MERGE_ERROR)
+        for module in self.model.modules():
+            if isinstance(module, HPRLayer):
+                module.detach_edit_hook()
+        tracker = getattr(self, "hpr_tracker", None)
+        if tracker is not None:
+            tracker.detach()
+            self.hpr_tracker = None
+        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+
+    # ------------------------------------------------------------------ checkpoint keys
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """``...hpr_angle.<adapter>.0.weight`` -> ``...hpr_angle.0.weight`` (the generic rule only strips a
+        trailing adapter name, which would leave it inside angle-net keys and break loading under
+        another name)."""
+        for container in _ADAPTER_CONTAINERS:
+            marker = f"{container}.{adapter_name}."
+            position = key.find(marker)
+            if position != -1 and (position == 0 or key[position - 1] == "."):
+                return key[:position] + f"{container}." + key[position + len(marker) :]
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    # ------------------------------------------------------------------ HPR API
+
+    def _adapter_or_active(self, adapter_name: str | None) -> str:
+        if adapter_name is None:
+            if not self.active_adapters:
+                raise ValueError("No active adapter; pass adapter_name or call set_adapter().")
+            return self.active_adapters[0]
+        if adapter_name not in self.peft_config:
+            raise ValueError(
+                f"Unknown adapter {adapter_name!r}; existing adapters: {sorted(self.peft_config)}."
+            )
+        return adapter_name
+
+    def hpr_layers(self, adapter_name: str | None = None) -> dict[int, HPRLayer]:
+        """Block index -> HPRLayer for the layers that hold ``adapter_name`` (default: the active one)."""
+        adapter_name = self._adapter_or_active(adapter_name)
+        layers: dict[int, HPRLayer] = {}
+        for module in self._stack().layers:
+            if isinstance(module, HPRLayer) and adapter_name in module.hpr_probe:
+                layers[module.layer_index] = module
+        return dict(sorted(layers.items()))
+
+    def set_alpha(self, alpha: float, adapter_name: str | None = None) -> None:
+        """Persistently set the strength ``alpha`` (layers and config, so it is saved)."""
+        alpha = _check_alpha(alpha)
+        adapter_name = self._adapter_or_active(adapter_name)
+        for layer in self.hpr_layers(adapter_name).values():
+            layer.hpr_alpha[adapter_name] = alpha
+        self.peft_config[adapter_name].alpha = alpha
+
+    def set_selected_layers(self, layers: Iterable[int] | None, adapter_name: str | None = None) -> None:
+        """Persistently choose which targeted blocks edit (``None``: all targets); saved in the config."""
+        adapter_name = self._adapter_or_active(adapter_name)
+        hpr_layers = self.hpr_layers(adapter_name)
+        chosen = _check_layers(layers, hpr_layers)
+        for index, layer in hpr_layers.items():
+            layer.hpr_selected[adapter_name] = index in chosen
+        self.peft_config[adapter_name].selected_layers = None if layers is None else sorted(chosen)
+
+    def selected_layers(self, adapter_name: str | None = None) -> list[int]:
+        """Block indices that currently edit for ``adapter_name``."""
+        adapter_name = self._adapter_or_active(adapter_name)
+        return [i for i, layer in self.hpr_layers(adapter_name).items() if layer.hpr_selected[adapter_name]]
+
+
+def _check_alpha(alpha: Any) -> float:
+    import math
+
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number (the strength, default 1.0), got {alpha!r}.")
+    return float(alpha)
+
+
+def _check_layers(layers: Iterable[int] | None, hpr_layers: dict[int, HPRLayer]) -> set[int]:
+    if layers is None:
+        return set(hpr_layers)
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TypeError(f"layers must be an iterable of block indices or None, got {layers!r}.")
+    chosen = list(layers)
+    bad = [i for i in chosen if isinstance(i, bool) or not isinstance(i, int)]
+    if bad:
+        raise TypeError(f"layers must contain integer block indices, got {bad!r}.")
+    unknown = sorted(set(chosen) - set(hpr_layers))
+    if unknown:
+        raise ValueError(
+            f"layers {unknown} carry no HPR editor for this adapter; edited blocks are {sorted(hpr_layers)}."
+        )
+    return set(chosen)
+
+
+def register_hpr() -> None:
+    """Make ``HPR`` a PEFT method: extend ``PeftType`` and call ``register_peft_method`` (idempotent).
+
+    Safe to call repeatedly and across re-imports of this module. Raises ``RuntimeError`` if peft
+    already maps ``HPR`` to a different tuner (e.g. a future peft release with its own HPR).
+    """
+    from peft.mapping import (
+        PEFT_TYPE_TO_CONFIG_MAPPING,
+        PEFT_TYPE_TO_PREFIX_MAPPING,
+        PEFT_TYPE_TO_TUNER_MAPPING,
+    )
+    from peft.utils import register_peft_method
+
+    peft_type = ensure_peft_type()
+    registered = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
+    if registered is not None:
+        if not _same_class(registered, HPRModel):
+            raise RuntimeError(
+                f"peft already registers the PEFT type 'HPR' with tuner {registered.__module__}."
+                f"{registered.__qualname__}, not hpr_peft's HPRModel: this peft version has its own HPR and "
+                "conflicts with hpr_peft. Install a peft version supported by hpr_peft (>=0.21,<0.22)."
+            )
+        # re-import of this module: point the mappings at the current classes
+        PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = HPRModel
+        PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = HPRConfig
+        PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = HPRModel.prefix
+        return
+    register_peft_method(name="hpr", config_cls=HPRConfig, model_cls=HPRModel, prefix=HPRModel.prefix)
+    assert PeftType.HPR in PEFT_TYPE_TO_TUNER_MAPPING
+
+
+def _same_class(a: type, b: type) -> bool:
+    return a is b or (a.__module__ == b.__module__ and a.__qualname__ == b.__qualname__)
+
+
+__all__ = ["HPRModel", "register_hpr"]

@@ -1,0 +1,108 @@
+"""``hpr-peft fit`` on a tiny saved model: outputs, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from hpr_peft.cli import fit as fit_cli
+from support.models import make_char_tokenizer, make_tiny_causal_lm
+
+
+def run_fit(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hpr-peft fit")
+    fit_cli.add_arguments(parser)
+    return fit_cli.run(parser.parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    make_tiny_causal_lm("llama").save_pretrained(path)
+    make_char_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_pairs(path, n=30):
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": f"Q: n{i}?\nA:",
+                        "positive": f" yes {i % 3}",
+                        "negative": f" no {i % 4}",
+                        "group": f"g{i // 2}",
+                    }
+                )
+                + "\n"
+            )
+    return path
+
+
+def test_fit_cli_writes_adapter_report_and_plot(tiny_dir, tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "out"
+    rc = run_fit(
+        [
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(data),
+            "--layers",
+            "1,2,3",
+            "--top-k",
+            "2",
+            "--epochs",
+            "2",
+            "--max-pairs",
+            "24",
+            "--token-selection",
+            "response",
+            "--angle-target",
+            "probe",
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert config["peft_type"] == "HPR" and len(config["selected_layers"]) == 2
+    assert config["selected_layers"] == report["selected_layers"]
+    assert report["n_train_pairs"] + report["n_val_pairs"] == 24 and report["token_selection"] == "response"
+    assert (out / "adapter_model.safetensors").stat().st_size > 0
+    assert report["settings"]["angle_target"] == "probe"
+    assert config["fit_results"]["settings"]["angle_target"] == "probe"
+    assert (out / "probe_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fit_cli_errors(tiny_dir, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    rc = run_fit(["--model", str(tiny_dir), "--data", str(tmp_path / "missing.jsonl"), "--output", out])
+    assert rc == 2 and "missing.jsonl" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "Q", "positive": " a", "negative": " b"}) + "\n{not json\n")
+    rc = run_fit(["--model", str(tiny_dir), "--data", str(bad), "--output", out])
+    err = capsys.readouterr().err
+    assert rc == 2 and "line 2" in err
+    same = tmp_path / "same.jsonl"
+    same.write_text(json.dumps({"prompt": "Q", "positive": " a", "negative": " a"}) + "\n")
+    rc = run_fit(["--model", str(tiny_dir), "--data", str(same), "--output", out])
+    assert rc == 2 and "identical" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    rc = run_fit(["--model", str(tiny_dir), "--data", str(empty), "--output", out])
+    assert rc == 2 and "empty" in capsys.readouterr().err
+    data = write_pairs(tmp_path / "pairs.jsonl", 6)
+    rc = run_fit(["--model", str(tiny_dir), "--data", str(data), "--layers", "9", "--output", out])
+    assert rc == 2 and "out of range" in capsys.readouterr().err
+    rc = run_fit(["--model", str(tiny_dir), "--data", str(data), "--top-k", "0", "--output", out])
+    assert rc == 2 and "--min-accuracy" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_fit(["--model", str(tiny_dir), "--data", str(data), "--layers", "a,b", "--output", out])
+    with pytest.raises(SystemExit):
+        run_fit(["--model", str(tiny_dir), "--data", str(data), "--angle-target", "cap", "--output", out])
