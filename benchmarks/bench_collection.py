@@ -65,7 +65,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from hpr_peft.data import load_truthfulqa
-    from hpr_peft.fitting.activations import collect_activations
+    from hpr_peft.fitting import collect_activations
     from hpr_peft.runtime.blocks import num_decoder_layers
     from hpr_peft.runtime.bundled_models import load_bundled
 

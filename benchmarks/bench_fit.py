@@ -18,7 +18,7 @@ import torch
 
 
 def random_activations(n_pairs: int, n_layers: int, d: int, seed: int = 0):
-    from hpr_peft.fitting.activations import PairActivations
+    from hpr_peft.fitting import PairActivations
 
     gen = torch.Generator().manual_seed(seed)
     feats = {}
@@ -42,7 +42,7 @@ def random_activations(n_pairs: int, n_layers: int, d: int, seed: int = 0):
 
 def real_activations(n_pairs: int, batch_size: int):
     from hpr_peft.data import load_truthfulqa
-    from hpr_peft.fitting.activations import collect_activations
+    from hpr_peft.fitting import collect_activations
     from hpr_peft.runtime.bundled_models import load_bundled
 
     model, tokenizer = load_bundled("smollm2")

@@ -10,9 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from hpr_peft.tuner import HPRConfig, HPRLayer, HPRModel, register_hpr
-
-register_hpr()
+from hpr_peft.tuner import HPRConfig, HPRLayer, HPRModel
 
 __version__ = "0.1.0"
 
@@ -25,10 +23,10 @@ _LAZY_EXPORTS: dict[str, str] = {
     "load_truthfulqa": "hpr_peft.data",
     "load_truthfulqa_mc": "hpr_peft.data",
     "load_pairs_jsonl": "hpr_peft.data",
-    "split_groups": "hpr_peft.data.splits",
-    "kfold_groups": "hpr_peft.data.splits",
-    "collect_activations": "hpr_peft.fitting.activations",
-    "PairActivations": "hpr_peft.fitting.activations",
+    "split_groups": "hpr_peft.data",
+    "kfold_groups": "hpr_peft.data",
+    "collect_activations": "hpr_peft.fitting",
+    "PairActivations": "hpr_peft.fitting",
     "fit_hpr": "hpr_peft.fitting",
     "train_editors": "hpr_peft.fitting",
     "select_layers": "hpr_peft.fitting",
@@ -42,9 +40,9 @@ _LAZY_EXPORTS: dict[str, str] = {
     "save_pairs_jsonl": "hpr_peft.data",
     "QA_PRIMER": "hpr_peft.data",
     "qa_prompt": "hpr_peft.data",
-    "GroupSplit": "hpr_peft.data.splits",
-    "save_split": "hpr_peft.data.splits",
-    "load_split": "hpr_peft.data.splits",
+    "GroupSplit": "hpr_peft.data",
+    "save_split": "hpr_peft.data",
+    "load_split": "hpr_peft.data",
     "load_bundled": "hpr_peft.runtime.bundled_models",
     "load_causal_lm": "hpr_peft.runtime.bundled_models",
 }

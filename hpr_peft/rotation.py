@@ -1,4 +1,4 @@
-"""Pure tensor math of Householder Pseudo-Rotation (DESIGN.md §2).
+"""Pure tensor math of Householder Pseudo-Rotation (derivations in docs/math.md).
 
 Everything here is a stateless function of tensors (no ``torch.nn`` state) and imports nothing from
 ``hpr_peft``, so the layer, the fitting code and the tests can share one exact definition.
@@ -17,7 +17,7 @@ Conventions used by every function:
 * Gradients with respect to ``h``, ``w`` and ``theta`` are finite for every finite input (degenerate
   branches use safe denominators, so ``torch.where`` never routes a NaN gradient).
 
-The edit (DESIGN §2) turns a token ``h`` that the probe ``p(h) = sigmoid(w·h)`` calls negative by an
+The edit turns a token ``h`` that the probe ``p(h) = sigmoid(w·h)`` calls negative by an
 angle ``theta`` towards the probe direction, inside the plane spanned by ``h`` and ``w``, keeping its
 norm. The paper writes it as a spherical interpolation from ``h`` towards its Householder reflection
 ``r``; that form divides by ``sin(gamma)`` and is badly conditioned near the hyperplane (43 % error on
@@ -393,7 +393,7 @@ def _rotate_rows(
     Math, in the orthonormal basis (ŵ, e) of the plane of h and w, with e = h_⟂/|h_⟂| and
     h_⟂ = h - (ŵ·h)ŵ: ``h = |h| (cos α ŵ + sin α e)`` with α = angle(h, ŵ) = atan2(|h_⟂|, ŵ·h), and
     the edit turns h by θ towards ŵ: ``h' = |h| (cos(α-θ) ŵ + sin(α-θ) e)``. This is exactly the
-    DESIGN §2 stable form ``|h| (cos θ u + sin θ p)`` (p = sin α ŵ - cos α e is the unit vector ⟂ u
+    stable form ``|h| (cos θ u + sin θ p)`` of docs/math.md (p = sin α ŵ - cos α e is the unit vector ⟂ u
     towards ŵ) written with one projection instead of two, so it costs ~6 passes over the data.
     α comes from atan2 of two accurately computed lengths, so it is exact to rounding at any angle.
     The projection is corrected once (``δ = h_⟂·ŵ``, folded into the coefficients, not into the data)

@@ -107,8 +107,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from hpr_peft import HPRConfig
     from hpr_peft.fitting import fit_hpr
-    from hpr_peft.fitting.activations import ensure_distributed
     from hpr_peft.runtime.bundled_models import load_causal_lm
+    from hpr_peft.runtime.model_io import ensure_distributed
 
     if args.max_pairs is not None and args.max_pairs < 1:
         raise ValueError(f"--max-pairs must be a positive int, got {args.max_pairs}.")

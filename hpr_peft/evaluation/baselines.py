@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpr_peft.runtime.blocks import find_decoder_stack, join_block_output, split_block_output
+from hpr_peft.runtime.blocks import find_decoder_stack
+from hpr_peft.runtime.hooks import HookSet
 from hpr_peft.runtime.positions import PositionTracker
 
 __all__ = ["additive_steering", "mean_difference_vectors"]
@@ -103,29 +104,30 @@ def additive_steering(
                 f"vectors[{layer}] must be a 1-D tensor (d,), got {getattr(v, 'shape', type(v))}."
             )
     tracker = PositionTracker()
-    tracker.attach(model)
-    handles = []
-
-    def make_hook(vector: torch.Tensor):
-        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            hidden, rest = split_block_output(output)
-            if hidden.shape[-1] != vector.shape[0]:
-                raise ValueError(
-                    f"steering vector has width {vector.shape[0]} but the block outputs {hidden.shape[-1]}."
+    with HookSet() as hooks:
+        tracker.attach(model)
+        try:
+            for layer, v in vectors.items():
+                hooks.on_block_output(
+                    stack.layers[layer],
+                    _adder(tracker, v.detach().float(), float(alpha), skip_sequence_start),
                 )
-            ctx = tracker.context_for(hidden)
-            mask = ctx.valid & ~ctx.sequence_start if skip_sequence_start else ctx.valid
-            delta = (float(alpha) * vector).to(device=hidden.device, dtype=hidden.dtype)
-            edited = hidden + mask.unsqueeze(-1).to(hidden.dtype) * delta
-            return join_block_output(edited, rest)
+            yield
+        finally:
+            tracker.detach()
 
-        return hook
 
-    try:
-        for layer, v in vectors.items():
-            handles.append(stack.layers[layer].register_forward_hook(make_hook(v.detach().float())))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        tracker.detach()
+def _adder(tracker: PositionTracker, vector: torch.Tensor, alpha: float, skip_sequence_start: bool):
+    """The block-output hook adding ``alpha * vector`` at the editable positions of the call."""
+
+    def add(hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[-1] != vector.shape[0]:
+            raise ValueError(
+                f"steering vector has width {vector.shape[0]} but the block outputs {hidden.shape[-1]}."
+            )
+        ctx = tracker.context_for(hidden)
+        mask = ctx.valid & ~ctx.sequence_start if skip_sequence_start else ctx.valid
+        delta = (alpha * vector).to(device=hidden.device, dtype=hidden.dtype)
+        return hidden + mask.unsqueeze(-1).to(hidden.dtype) * delta
+
+    return add

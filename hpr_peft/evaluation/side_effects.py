@@ -1,7 +1,7 @@
 """Side effects of an edit on ordinary text: perplexity and KL(edited ‖ unedited) on a neutral corpus.
 
-A TruthfulQA score alone can look good on a broken model (DESIGN §6), so every score is reported beside
-these two numbers. The corpus is ``hpr_peft/resources/neutral.txt``: plain encyclopedic prose about
+A TruthfulQA score alone can look good on a broken model (MC2 0.52 at perplexity 1e8), so every score
+is reported beside these two numbers. The corpus is ``hpr_peft/resources/neutral.txt``: plain encyclopedic prose about
 everyday topics (bread, bicycles, rivers, ...), one paragraph per sequence (~2.5k tokens in all).
 
 - perplexity: ``exp`` of the mean negative log-likelihood of every real token after the first of each
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["NeutralText", "SideEffects", "load_neutral_paragraphs", "unedited_context"]
+from hpr_peft.runtime.model_io import ContextFactory, input_device, pad_token_id, unedited_context
 
-ContextFactory = Callable[[], contextlib.AbstractContextManager]
+__all__ = ["NeutralText", "SideEffects", "load_neutral_paragraphs", "unedited_context"]
 
 
 def load_neutral_paragraphs(text: str | None = None) -> list[str]:
@@ -44,14 +44,6 @@ def load_neutral_paragraphs(text: str | None = None) -> list[str]:
             "text has no non-empty paragraph: give some prose, paragraphs separated by blank lines."
         )
     return paragraphs
-
-
-def unedited_context(model: nn.Module) -> ContextFactory:
-    """A context factory giving the unedited model: ``disable_adapter()`` for PEFT models, else nothing."""
-    disable = getattr(model, "disable_adapter", None)
-    if callable(disable) and hasattr(model, "peft_config"):
-        return disable
-    return contextlib.nullcontext
 
 
 @dataclass
@@ -101,8 +93,7 @@ class NeutralText:
         self.sequences = [s for s in self.sequences if len(s) >= 2]
         if not self.sequences:
             raise ValueError("no paragraph has 2 or more tokens: give longer paragraphs.")
-        pad = getattr(tokenizer, "pad_token_id", None)
-        self.pad_id = pad if isinstance(pad, int) else 0
+        self.pad_id = pad_token_id(tokenizer)
         self.batch_size = batch_size
         self.max_reference_bytes = max_reference_bytes
         self._reference: list[torch.Tensor] | None = None
@@ -128,7 +119,7 @@ class NeutralText:
 
     @torch.no_grad()
     def _log_probs(self, model: nn.Module, context: ContextFactory | None):
-        device = next(model.parameters()).device
+        device = input_device(model)
         was_training = model.training
         model.eval()
         try:

@@ -132,7 +132,7 @@ def run_main_job(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | N
     from hpr_peft.evaluation.baselines import additive_steering, mean_difference_vectors
     from hpr_peft.evaluation.side_effects import NeutralText
     from hpr_peft.fitting import fit_hpr
-    from hpr_peft.fitting.activations import AnswerCollector
+    from hpr_peft.fitting.answer_collector import AnswerCollector
     from hpr_peft.tuner.control import edit_settings, monitor
 
     settings.validate()
@@ -182,7 +182,7 @@ def run_main_job(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | N
         context=unedited,
         progress=settings.progress,
         desc="unedited + activations",
-        collector=collector,
+        watcher=collector,
     )
     acts = collector.pair_activations(pairs)
     del collector

@@ -1,8 +1,23 @@
-"""Fitting: activations of contrastive pairs, editor training, layer selection and the fit report."""
+"""Fitting: pairs → activations → trained editors → a layer-selected adapter.
 
-from hpr_peft.fitting.activations import AnswerCollector, PairActivations, collect_activations
+- :mod:`~hpr_peft.fitting.activations`: the :class:`PairActivations` container (safetensors shards).
+- :mod:`~hpr_peft.fitting.collection`: :func:`collect_activations` from the unedited model.
+- :mod:`~hpr_peft.fitting.answer_collector`: :class:`AnswerCollector`, recording during a scoring pass.
+- :mod:`~hpr_peft.fitting.angle_targets`: what the angle nets learn (``"paper"``, ``"probe"``).
+- :mod:`~hpr_peft.fitting.training`: :func:`train_editors`, one loop for every target.
+- :mod:`~hpr_peft.fitting.selection`: :func:`select_layers`.
+- :mod:`~hpr_peft.fitting.fit`: :func:`fit_hpr`, all of the above in one call.
+- :mod:`~hpr_peft.fitting.report`: :class:`FitReport`.
+"""
+
+from hpr_peft.fitting.activations import PairActivations
+from hpr_peft.fitting.angle_targets import ANGLE_TARGETS
+from hpr_peft.fitting.answer_collector import AnswerCollector
+from hpr_peft.fitting.collection import collect_activations
+from hpr_peft.fitting.fit import LayerScorer, fit_hpr
 from hpr_peft.fitting.report import FitReport, LayerFitResult
-from hpr_peft.fitting.training import ANGLE_TARGETS, EditorWeights, fit_hpr, select_layers, train_editors
+from hpr_peft.fitting.selection import select_layers
+from hpr_peft.fitting.training import EditorWeights, train_editors
 
 __all__ = [
     "ANGLE_TARGETS",
@@ -10,6 +25,7 @@ __all__ = [
     "EditorWeights",
     "FitReport",
     "LayerFitResult",
+    "LayerScorer",
     "PairActivations",
     "collect_activations",
     "fit_hpr",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "output_cache",
     "pad_token_id",
     "sliding_window",
+    "stack_contexts",
     "unedited_context",
 ]
 
@@ -161,3 +162,17 @@ def broadcast_from_rank0(obj: Any) -> Any:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
     return obj
+
+
+def stack_contexts(*factories: ContextFactory | None) -> ContextFactory:
+    """One context factory entering every given factory's context in order (None entries skipped)."""
+
+    @contextlib.contextmanager
+    def combined() -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for factory in factories:
+                if factory is not None:
+                    stack.enter_context(factory())
+            yield
+
+    return combined

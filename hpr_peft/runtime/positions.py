@@ -3,7 +3,7 @@
 Decoder blocks do not see the 2-D attention mask or how long the KV cache already is, yet the
 edit must know (a) which positions are padding (never edited, never counted in statistics)
 and (b) which position is the first real token of its sequence: an attention sink with a norm
-~30-100x the others, which HPR must not rotate (DESIGN §2). A forward pre-hook on the top-level
+~30-100x the others, which HPR must not rotate (docs/math.md). A forward pre-hook on the top-level
 model records this per call in a :class:`PositionContext`; editors read it from a shared
 :class:`PositionTracker`. Masks are computed from the full 2-D attention mask (past + current),
 so cached generation, uncached forwards and left-padded batches all agree.
@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from hpr_peft.runtime.hooks import HookSet
 
 
 @dataclass
@@ -94,17 +96,16 @@ class PositionTracker:
 
     def __init__(self) -> None:
         self.current: PositionContext | None = None
-        self._handles: list[Any] = []
+        self._hooks = HookSet()
 
     def attach(self, model: nn.Module) -> None:
+        """Track the calls of ``model`` (the top-level module users call)."""
         self.detach()
-        self._handles.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
-        self._handles.append(model.register_forward_hook(self._after_forward, always_call=True))
+        self._hooks.forward_pre(model, self._before_forward, with_kwargs=True)
+        self._hooks.forward(model, self._after_forward, always_call=True)
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.remove()
         self.current = None
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

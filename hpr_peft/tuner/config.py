@@ -9,41 +9,44 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any, ClassVar, Literal
 
 from peft.config import PeftConfig
-from peft.utils import PeftType, TaskType
+from peft.utils import TaskType
+
+from hpr_peft.tuner.registration import ensure_peft_type
 
 EDIT_POSITIONS = ("all", "last")
-PEFT_TYPE_NAME = "HPR"
 
 
-def ensure_peft_type() -> PeftType:
-    """Add ``HPR`` to peft's closed ``PeftType`` enum (idempotent) and return the member.
-
-    ``register_peft_method`` only accepts names that are already enum members, and configs are
-    looked up by ``PeftType`` when loading ``adapter_config.json``. A future peft that defines
-    ``HPR`` itself keeps its own member (``register_hpr`` then checks the registered tuner).
-    """
-    existing = PeftType._member_map_.get(PEFT_TYPE_NAME)
-    if existing is not None:
-        return existing  # type: ignore[return-value]
-    member = str.__new__(PeftType, PEFT_TYPE_NAME)
-    member._name_ = PEFT_TYPE_NAME
-    member._value_ = PEFT_TYPE_NAME
-    member.__objclass__ = PeftType  # type: ignore[attr-defined]
-    if hasattr(next(iter(PeftType)), "_sort_order_"):
-        member._sort_order_ = len(PeftType._member_names_)  # type: ignore[attr-defined]
-    type.__setattr__(PeftType, PEFT_TYPE_NAME, member)
-    PeftType._member_map_[PEFT_TYPE_NAME] = member
-    PeftType._value2member_map_[PEFT_TYPE_NAME] = member
-    PeftType._member_names_.append(PEFT_TYPE_NAME)
-    return member
+def validate_alpha(alpha: Any) -> float:
+    """``alpha`` as a float; raises ``ValueError`` unless it is a finite real number (not a bool)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number (the strength, default 1.0), got {alpha!r}.")
+    return float(alpha)
 
 
-ensure_peft_type()
+def validate_layer_choice(layers: Iterable[int] | None, available: Iterable[int]) -> set[int]:
+    """The block indices ``layers`` names (all of ``available`` for None), each checked to be one of
+    ``available`` (the blocks that carry an editor)."""
+    available = set(available)
+    if layers is None:
+        return available
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TypeError(f"layers must be an iterable of block indices or None, got {layers!r}.")
+    chosen = list(layers)
+    bad = [i for i in chosen if isinstance(i, bool) or not isinstance(i, int)]
+    if bad:
+        raise TypeError(f"layers must contain integer block indices, got {bad!r}.")
+    unknown = sorted(set(chosen) - available)
+    if unknown:
+        raise ValueError(
+            f"layers {unknown} carry no HPR editor for this adapter; edited blocks are {sorted(available)}."
+        )
+    return set(chosen)
 
 
 def _is_int(value: Any) -> bool:
@@ -145,15 +148,11 @@ class HPRConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = PeftType.HPR
+        self.peft_type = ensure_peft_type()
 
         self.target_layers = _layer_list("target_layers", self.target_layers, allow_all=True)
 
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, Real) or not math.isfinite(self.alpha):
-            raise ValueError(
-                f"alpha must be a finite number (the strength, default 1.0), got {self.alpha!r}."
-            )
-        self.alpha = float(self.alpha)
+        self.alpha = validate_alpha(self.alpha)
 
         if (
             isinstance(self.threshold, bool)

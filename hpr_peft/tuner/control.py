@@ -26,21 +26,9 @@ from typing import Any
 
 import torch
 
+from hpr_peft.tuner.config import validate_alpha, validate_layer_choice
 from hpr_peft.tuner.layer import HPRLayer
-from hpr_peft.tuner.model import HPRModel, _check_alpha, _check_layers
-
-
-def hpr_tuner(model: Any) -> HPRModel:
-    """The :class:`HPRModel` inside ``model`` (a PeftModel or the tuner itself)."""
-    if isinstance(model, HPRModel):
-        return model
-    tuner = getattr(model, "base_model", None)
-    if isinstance(tuner, HPRModel):
-        return tuner
-    raise TypeError(
-        f"Expected a PeftModel with an HPR adapter (or an HPRModel), got {type(model).__name__}. "
-        "Create it with peft.get_peft_model(model, HPRConfig(...)) after `import hpr_peft`."
-    )
+from hpr_peft.tuner.model import hpr_tuner
 
 
 @contextmanager
@@ -55,10 +43,10 @@ def edit_settings(
     a setting unchanged. Previous values are restored on exit, also on exceptions.
     """
     tuner = hpr_tuner(model)
-    adapter = tuner._adapter_or_active(adapter_name)
+    adapter = tuner.resolve_adapter(adapter_name)
     hpr_layers = tuner.hpr_layers(adapter)
-    new_alpha = None if alpha is None else _check_alpha(alpha)
-    chosen = None if layers is None else _check_layers(layers, hpr_layers)
+    new_alpha = None if alpha is None else validate_alpha(alpha)
+    chosen = None if layers is None else validate_layer_choice(layers, hpr_layers)
     saved = {i: (layer.hpr_alpha[adapter], layer.hpr_selected[adapter]) for i, layer in hpr_layers.items()}
     try:
         for index, layer in hpr_layers.items():
@@ -135,7 +123,7 @@ def monitor(model: Any, adapter_name: str | None = None) -> Iterator[MonitorReco
     >>> records[10].fraction_flagged, records[10].angles
     """
     tuner = hpr_tuner(model)
-    adapter = tuner._adapter_or_active(adapter_name)
+    adapter = tuner.resolve_adapter(adapter_name)
     hpr_layers = tuner.hpr_layers(adapter)
     records = MonitorRecords(
         {

@@ -3,7 +3,7 @@
 Per adapter the layer owns a probe ``hpr_probe[adapter]`` (``nn.Linear(d, 1, bias=False)``, weight
 ``w``) and an angle predictor ``hpr_angle[adapter]`` (:func:`build_angle_net`). For each eligible
 token with ``sigmoid(w·h) < threshold`` the block output ``h`` is pseudo-rotated by
-``theta = alpha * f(h)`` toward the positive side of the hyperplane ``w·x = 0`` (DESIGN §2), in
+``theta = alpha * f(h)`` toward the positive side of the hyperplane ``w·x = 0`` (docs/math.md), in
 float32, and cast back.
 
 Where the edit runs: transformers 5 records ``output_hidden_states`` with forward hooks on the
@@ -23,7 +23,7 @@ editor is installed with :meth:`HPRLayer.set_editor` or loaded from a checkpoint
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,44 +31,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from hpr_peft.rotation import apply_hpr, mask_from_logits, probe_logits, pseudo_rotate
-from hpr_peft.runtime.blocks import join_block_output, split_block_output
+from hpr_peft.runtime.hooks import HookSet
 from hpr_peft.runtime.positions import PositionContext, PositionTracker, context_from_inputs
-
-
-def default_angle_hidden_sizes(hidden_size: int) -> list[int]:
-    """Angle-net widths used when the config says ``None``: one hidden block of ``d // 2``."""
-    return [max(1, hidden_size // 2)]
-
-
-def build_angle_net(hidden_size: int, hidden_sizes: Sequence[int] | None) -> nn.Sequential:
-    """The angle predictor: (Linear + GELU) per hidden width, then ``Linear(., 1)``.
-
-    Its output ``z`` becomes the angle ``pi * sigmoid(z)`` in :func:`predict_angle`.
-    """
-    if hidden_sizes is None:
-        hidden_sizes = default_angle_hidden_sizes(hidden_size)
-    modules: list[nn.Module] = []
-    width = hidden_size
-    for size in hidden_sizes:
-        modules += [nn.Linear(width, size), nn.GELU()]
-        width = size
-    modules.append(nn.Linear(width, 1))
-    return nn.Sequential(*modules)
-
-
-def _param_dtype(module: nn.Module) -> torch.dtype:
-    for param in module.parameters():
-        return param.dtype
-    return torch.float32
-
-
-def predict_angle(net: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """Predicted angle ``pi * sigmoid(net(h))`` in radians, shape ``h.shape[:-1]``, float32.
-
-    ``h`` is cast to the net's parameter dtype for the matmuls; the result is always float32.
-    """
-    z = net(h.to(_param_dtype(net))).squeeze(-1)
-    return math.pi * torch.sigmoid(z.float())
+from hpr_peft.tuner.angle_net import build_angle_net, predict_angle
 
 
 def flag_tokens(scores: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -120,6 +85,7 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         self.tracker = tracker
         # set by hpr_peft.tuner.control.monitor: record probe results instead of editing
         self.monitor_callback: MonitorCallback | None = None
+        self._edit_hooks = HookSet()
         self.update_layer(adapter_name, config, selected=selected)
         self.attach_edit_hook()
 
@@ -224,14 +190,12 @@ class HPRLayer(nn.Module, BaseTunerLayer):
 
     def attach_edit_hook(self) -> None:
         """Register the edit as the first forward hook of the wrapped block (idempotent)."""
-        self.detach_edit_hook()
-        self.base_layer.register_forward_hook(self._edit_hook, prepend=True)
+        self._edit_hooks.remove()
+        self._edit_hooks.on_block_output(self.base_layer, self._edit, prepend=True)
 
     def detach_edit_hook(self) -> None:
-        """Remove this layer's edit hook(s) from the wrapped block."""
-        hooks = self.base_layer._forward_hooks
-        for key in [k for k, fn in hooks.items() if getattr(fn, "__self__", None) is self]:
-            del hooks[key]
+        """Remove this layer's edit hook from the wrapped block."""
+        self._edit_hooks.remove()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Call the wrapped block; the edit itself runs in its forward hook (see module docstring)."""
@@ -242,22 +206,18 @@ class HPRLayer(nn.Module, BaseTunerLayer):
             return self.tracker.context_for(hidden)
         return context_from_inputs(hidden.shape[0], hidden.shape[1], None, 0, hidden.device)
 
-    def _edit_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        if self.disable_adapters:
+    def _edit(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The block-output hook: ``hidden`` edited by every active adapter, or None when untouched."""
+        if self.disable_adapters or hidden.dim() != 3:
             return None
         adapters = [name for name in self.active_adapters if name in self.hpr_probe]
         if not adapters:
-            return None
-        hidden, rest = split_block_output(output)
-        if hidden.dim() != 3:
             return None
         context = self._context_for(hidden)
         edited = hidden
         for adapter_name in adapters:
             edited = self._apply_adapter(adapter_name, edited, context)
-        if edited is hidden:
-            return None
-        return join_block_output(edited, rest)
+        return None if edited is hidden else edited
 
     def eligible_positions(self, adapter_name: str, context: PositionContext) -> torch.Tensor:
         """(batch, seq) bool: real tokens the adapter may edit (not padding, not a sequence start if

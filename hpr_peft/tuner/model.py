@@ -16,12 +16,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import PeftType
 from torch import nn
 
 from hpr_peft.runtime.blocks import DecoderStack, decoder_layer_index, find_decoder_stack, hidden_size_of
 from hpr_peft.runtime.positions import PositionTracker
-from hpr_peft.tuner.config import HPRConfig, ensure_peft_type
+from hpr_peft.tuner.config import HPRConfig, validate_alpha, validate_layer_choice
 from hpr_peft.tuner.layer import HPRLayer
 
 _MERGE_ERROR = (
@@ -171,7 +170,8 @@ class HPRModel(BaseTuner):
 
     # ------------------------------------------------------------------ HPR API
 
-    def _adapter_or_active(self, adapter_name: str | None) -> str:
+    def resolve_adapter(self, adapter_name: str | None) -> str:
+        """``adapter_name``, checked to exist, or the first active adapter when it is None."""
         if adapter_name is None:
             if not self.active_adapters:
                 raise ValueError("No active adapter; pass adapter_name or call set_adapter().")
@@ -184,7 +184,7 @@ class HPRModel(BaseTuner):
 
     def hpr_layers(self, adapter_name: str | None = None) -> dict[int, HPRLayer]:
         """Block index -> HPRLayer for the layers that hold ``adapter_name`` (default: the active one)."""
-        adapter_name = self._adapter_or_active(adapter_name)
+        adapter_name = self.resolve_adapter(adapter_name)
         layers: dict[int, HPRLayer] = {}
         for module in self._stack().layers:
             if isinstance(module, HPRLayer) and adapter_name in module.hpr_probe:
@@ -193,85 +193,38 @@ class HPRModel(BaseTuner):
 
     def set_alpha(self, alpha: float, adapter_name: str | None = None) -> None:
         """Persistently set the strength ``alpha`` (layers and config, so it is saved)."""
-        alpha = _check_alpha(alpha)
-        adapter_name = self._adapter_or_active(adapter_name)
+        alpha = validate_alpha(alpha)
+        adapter_name = self.resolve_adapter(adapter_name)
         for layer in self.hpr_layers(adapter_name).values():
             layer.hpr_alpha[adapter_name] = alpha
         self.peft_config[adapter_name].alpha = alpha
 
     def set_selected_layers(self, layers: Iterable[int] | None, adapter_name: str | None = None) -> None:
         """Persistently choose which targeted blocks edit (``None``: all targets); saved in the config."""
-        adapter_name = self._adapter_or_active(adapter_name)
+        adapter_name = self.resolve_adapter(adapter_name)
         hpr_layers = self.hpr_layers(adapter_name)
-        chosen = _check_layers(layers, hpr_layers)
+        chosen = validate_layer_choice(layers, hpr_layers)
         for index, layer in hpr_layers.items():
             layer.hpr_selected[adapter_name] = index in chosen
         self.peft_config[adapter_name].selected_layers = None if layers is None else sorted(chosen)
 
     def selected_layers(self, adapter_name: str | None = None) -> list[int]:
         """Block indices that currently edit for ``adapter_name``."""
-        adapter_name = self._adapter_or_active(adapter_name)
+        adapter_name = self.resolve_adapter(adapter_name)
         return [i for i, layer in self.hpr_layers(adapter_name).items() if layer.hpr_selected[adapter_name]]
 
 
-def _check_alpha(alpha: Any) -> float:
-    import math
-
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number (the strength, default 1.0), got {alpha!r}.")
-    return float(alpha)
-
-
-def _check_layers(layers: Iterable[int] | None, hpr_layers: dict[int, HPRLayer]) -> set[int]:
-    if layers is None:
-        return set(hpr_layers)
-    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
-        raise TypeError(f"layers must be an iterable of block indices or None, got {layers!r}.")
-    chosen = list(layers)
-    bad = [i for i in chosen if isinstance(i, bool) or not isinstance(i, int)]
-    if bad:
-        raise TypeError(f"layers must contain integer block indices, got {bad!r}.")
-    unknown = sorted(set(chosen) - set(hpr_layers))
-    if unknown:
-        raise ValueError(
-            f"layers {unknown} carry no HPR editor for this adapter; edited blocks are {sorted(hpr_layers)}."
-        )
-    return set(chosen)
-
-
-def register_hpr() -> None:
-    """Make ``HPR`` a PEFT method: extend ``PeftType`` and call ``register_peft_method`` (idempotent).
-
-    Safe to call repeatedly and across re-imports of this module. Raises ``RuntimeError`` if peft
-    already maps ``HPR`` to a different tuner (e.g. a future peft release with its own HPR).
-    """
-    from peft.mapping import (
-        PEFT_TYPE_TO_CONFIG_MAPPING,
-        PEFT_TYPE_TO_PREFIX_MAPPING,
-        PEFT_TYPE_TO_TUNER_MAPPING,
+def hpr_tuner(model: Any) -> HPRModel:
+    """The :class:`HPRModel` inside ``model`` (a PeftModel or the tuner itself)."""
+    if isinstance(model, HPRModel):
+        return model
+    tuner = getattr(model, "base_model", None)
+    if isinstance(tuner, HPRModel):
+        return tuner
+    raise TypeError(
+        f"Expected a PeftModel with an HPR adapter (or an HPRModel), got {type(model).__name__}. "
+        "Create it with peft.get_peft_model(model, HPRConfig(...)) after `import hpr_peft`."
     )
-    from peft.utils import register_peft_method
-
-    peft_type = ensure_peft_type()
-    registered = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
-    if registered is not None:
-        if not _same_class(registered, HPRModel):
-            raise RuntimeError(
-                f"peft already registers the PEFT type 'HPR' with tuner {registered.__module__}."
-                f"{registered.__qualname__}, not hpr_peft's HPRModel: this peft version has its own HPR and "
-                "conflicts with hpr_peft. Install a peft version supported by hpr_peft (>=0.21,<0.22)."
-            )
-        # re-import of this module: point the mappings at the current classes
-        PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = HPRModel
-        PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = HPRConfig
-        PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = HPRModel.prefix
-        return
-    register_peft_method(name="hpr", config_cls=HPRConfig, model_cls=HPRModel, prefix=HPRModel.prefix)
-    assert PeftType.HPR in PEFT_TYPE_TO_TUNER_MAPPING
 
 
-def _same_class(a: type, b: type) -> bool:
-    return a is b or (a.__module__ == b.__module__ and a.__qualname__ == b.__qualname__)
-
-
-__all__ = ["HPRModel", "register_hpr"]
+__all__ = ["HPRModel", "hpr_tuner"]

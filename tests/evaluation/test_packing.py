@@ -17,8 +17,8 @@ from hpr_peft.data import ContrastivePair
 from hpr_peft.evaluation import TruthfulQAScorer, question_context, score_answers_naive
 from hpr_peft.evaluation.baselines import additive_steering
 from hpr_peft.evaluation.packing import TreeRow, pack_rows, plan_batches
-from hpr_peft.evaluation.truthfulqa import _output_cache
-from hpr_peft.fitting.activations import AnswerCollector, collect_activations
+from hpr_peft.fitting import AnswerCollector, collect_activations
+from hpr_peft.runtime.model_io import output_cache as _output_cache
 from hpr_peft.runtime.positions import context_from_inputs
 from support.evaluation import CharTokenizer, tiny_questions
 from support.models import TINY_ARCHS, make_tiny_causal_lm
@@ -148,7 +148,7 @@ def test_auto_mode_uses_packing_silently_and_falls_back_with_a_warning(monkeypat
     assert result.mc2 == plain.mc2
     with pytest.raises(ValueError, match="needs the packed path"):
         TruthfulQAScorer(tok, questions, primer=PRIMER, packed=False).score(
-            model, progress=False, collector=AnswerCollector([0])
+            model, progress=False, watcher=AnswerCollector([0])
         )
 
 
@@ -169,7 +169,7 @@ def test_collector_equals_collect_activations(char_tokenizer, selection):
     ]
     collector = AnswerCollector([0, 2], token_selection=selection)
     scorer = TruthfulQAScorer(char_tokenizer, questions, primer=PRIMER)
-    scorer.score(model, context=model.disable_adapter, progress=False, collector=collector)
+    scorer.score(model, context=model.disable_adapter, progress=False, watcher=collector)
     got = collector.pair_activations(pairs)
     want = collect_activations(
         model, char_tokenizer, pairs, layers=[0, 2], token_selection=selection, progress=False

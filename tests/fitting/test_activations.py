@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hpr_peft.data import ContrastivePair
-from hpr_peft.fitting.activations import PairActivations, collect_activations
+from hpr_peft.fitting import PairActivations, collect_activations
 from support.models import make_char_tokenizer, make_tiny_causal_lm
 
 PRIMER = "Shared primer: the same few-shot text for every question. " * 2

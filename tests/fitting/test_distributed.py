@@ -29,7 +29,8 @@ from support.models import make_char_tokenizer, make_tiny_causal_lm
 from peft import get_peft_model
 from safetensors.torch import save_file
 from hpr_peft import HPRConfig
-from hpr_peft.fitting.activations import collect_activations, ensure_distributed
+from hpr_peft.fitting import collect_activations
+from hpr_peft.runtime.model_io import ensure_distributed
 from hpr_peft.data import ContrastivePair
 from hpr_peft.fitting import fit_hpr
 

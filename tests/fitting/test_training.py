@@ -10,8 +10,7 @@ from peft import PeftModel, get_peft_model
 
 from hpr_peft import HPRConfig
 from hpr_peft.data import ContrastivePair
-from hpr_peft.fitting import fit_hpr, select_layers, train_editors
-from hpr_peft.fitting.activations import PairActivations
+from hpr_peft.fitting import PairActivations, fit_hpr, select_layers, train_editors
 from hpr_peft.fitting.report import FitReport, LayerFitResult
 from hpr_peft.rotation import angle_between, probe_consistent_angle, pseudo_rotate
 from hpr_peft.tuner.layer import build_angle_net, predict_angle
@@ -64,7 +63,7 @@ def test_separable_probe_reaches_one_and_angle_loss_falls():
     assert float(acc) == pytest.approx(sep.val_accuracy)
     net = build_angle_net(16, None)
     net.load_state_dict(weights[0].angle_state_dict)
-    from hpr_peft.fitting.training import _angle_between
+    from hpr_peft.rotation import angle_between as _angle_between
 
     with torch.no_grad():
         mse = torch.cat(
@@ -78,7 +77,7 @@ def test_angle_bias_starts_at_mean_target_and_no_collapse():
     acts = synthetic(n=200)
     weights, results = train_editors(acts, None, layers=[0], epochs=1, lr=1e-6, progress=False)
     pos, neg = acts.pair_tensors(0)
-    from hpr_peft.fitting.training import _angle_between
+    from hpr_peft.rotation import angle_between as _angle_between
 
     mean_target = float(_angle_between(neg, pos).mean() / 2)
     net = build_angle_net(16, None)
@@ -342,7 +341,7 @@ def test_report_roundtrip_table_and_plot(tmp_path):
 @pytest.mark.slow
 def test_smollm2_truthfulqa_end_to_end(smollm2, truthfulqa_dir, tmp_path):
     from hpr_peft.data import load_truthfulqa, load_truthfulqa_mc
-    from hpr_peft.fitting.activations import tokenize_pairs_texts
+    from hpr_peft.fitting.collection import tokenize_pairs_texts
 
     model, tok = smollm2
     questions = [q.question_id for q in load_truthfulqa_mc(truthfulqa_dir)[:20]]

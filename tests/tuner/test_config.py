@@ -11,7 +11,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.utils import PeftType, TaskType
 
 from hpr_peft import HPRConfig, HPRModel
-from hpr_peft.tuner.model import register_hpr
+from hpr_peft.tuner.registration import register_hpr
 
 
 def test_defaults():

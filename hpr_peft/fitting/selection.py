@@ -1,0 +1,55 @@
+"""Choosing the layers that edit, from per-layer fit results or a user's layer scores."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from hpr_peft.fitting.report import LayerFitResult
+
+__all__ = ["select_layers"]
+
+
+def select_layers(
+    results: Sequence[LayerFitResult],
+    top_k: int | None = 5,
+    min_accuracy: float | None = None,
+    scores: dict[int, float] | None = None,
+) -> tuple[list[int], str]:
+    """Choose the editing layers; returns ``(sorted layers, description)``.
+
+    With ``scores`` (a user scorer's values, higher is better) layers are ranked by score, else by
+    validation probe accuracy (training accuracy without validation data). ``min_accuracy`` keeps
+    layers whose probe accuracy reaches it; ``top_k`` then keeps the best ``k``. Ties break toward
+    the lower layer index.
+    """
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}.")
+    if top_k is None and min_accuracy is None and scores is None:
+        raise ValueError("give top_k, min_accuracy or a layer scorer to select layers.")
+    pool = list(results)
+    parts = []
+    if min_accuracy is not None:
+        pool = [r for r in pool if r.selection_accuracy >= min_accuracy]
+        parts.append(f"probe accuracy >= {min_accuracy:g}")
+
+    def rank(r: LayerFitResult) -> tuple[float, int]:
+        value = scores[r.layer] if scores is not None else r.selection_accuracy
+        return (-(value if value is not None and math.isfinite(value) else -math.inf), r.layer)
+
+    pool.sort(key=rank)
+    criterion = (
+        "layer scorer"
+        if scores is not None
+        else (
+            "validation probe accuracy"
+            if any(r.val_accuracy is not None for r in results)
+            else "training probe accuracy"
+        )
+    )
+    if top_k is not None:
+        pool = pool[:top_k]
+        parts.append(f"top {top_k} by {criterion}")
+    elif scores is not None:
+        parts.append("ranked by layer scorer")
+    return sorted(r.layer for r in pool), ", ".join(parts)
