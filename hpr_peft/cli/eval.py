@@ -48,12 +48,12 @@ def run(args: argparse.Namespace) -> int:
 
     import hpr_peft  # noqa: F401  (registers the PEFT type)
     from hpr_peft.evaluation import evaluate_truthfulqa
-    from hpr_peft.experiment.job import _load_model
+    from hpr_peft.runtime.bundled_models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     question_ids = _read_ids(args.questions) if args.questions else None
-    model, tokenizer = _load_model(args.model)
+    model, tokenizer = load_model(args.model)
     context = None
     if args.adapter:
         from peft import PeftModel

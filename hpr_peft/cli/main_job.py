@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder with mc_task.json (default ../shared/data/truthfulqa or $HPR_TRUTHFULQA_DIR), "
         "or the Hub id truthfulqa/truthful_qa",
     )
-    # Defaults of the job's settings live in hpr_peft.experiment.job.JobSettings; None here means "its default".
+    # Defaults of the job's settings live in hpr_peft.experiment.settings.JobSettings; None here means "its default".
     parser.add_argument(
         "--folds", type=int, default=None, help="cross-validation folds by question (default 2)"
     )
@@ -87,9 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
-    """The job's :class:`~hpr_peft.experiment.job.JobSettings`: command line, then the model's recommended
+    """The job's :class:`~hpr_peft.experiment.settings.JobSettings`: command line, then the model's recommended
     defaults (``MODEL_DEFAULTS``), then the dataclass defaults."""
-    from hpr_peft.experiment.job import MODEL_DEFAULTS, JobSettings
+    from hpr_peft.experiment import MODEL_DEFAULTS, JobSettings
 
     overrides = {
         "folds": args.folds,
@@ -123,7 +123,7 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpr_peft.experiment.job import run_main_job
+    from hpr_peft.experiment import run_main_job
 
     run_main_job(settings_from_args(args))
     return 0

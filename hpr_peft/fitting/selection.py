@@ -7,7 +7,18 @@ from collections.abc import Sequence
 
 from hpr_peft.fitting.report import LayerFitResult
 
-__all__ = ["select_layers"]
+__all__ = ["rank_layers", "select_layers"]
+
+
+def rank_layers(results: Sequence[LayerFitResult], scores: dict[int, float] | None = None) -> list[int]:
+    """Fitted layers best first: by ``scores`` (higher is better) when given, else by validation probe
+    accuracy (training accuracy without validation data); ties break toward the lower layer index."""
+
+    def key(r: LayerFitResult) -> tuple[float, int]:
+        value = scores[r.layer] if scores is not None else r.selection_accuracy
+        return (-(value if value is not None and math.isfinite(value) else -math.inf), r.layer)
+
+    return [r.layer for r in sorted(results, key=key)]
 
 
 def select_layers(
@@ -33,11 +44,8 @@ def select_layers(
         pool = [r for r in pool if r.selection_accuracy >= min_accuracy]
         parts.append(f"probe accuracy >= {min_accuracy:g}")
 
-    def rank(r: LayerFitResult) -> tuple[float, int]:
-        value = scores[r.layer] if scores is not None else r.selection_accuracy
-        return (-(value if value is not None and math.isfinite(value) else -math.inf), r.layer)
-
-    pool.sort(key=rank)
+    order = {layer: i for i, layer in enumerate(rank_layers(pool, scores))}
+    pool.sort(key=lambda r: order[r.layer])
     criterion = (
         "layer scorer"
         if scores is not None

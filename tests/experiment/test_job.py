@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from hpr_peft.cli import build_parser
-from hpr_peft.experiment.job import JobSettings, _pick, run_main_job
+from hpr_peft.experiment import JobSettings, run_main_job
+from hpr_peft.experiment.methods import pick_within_budget
 from support.models import make_tiny_causal_lm
 
 
@@ -18,8 +19,8 @@ def test_pick_respects_kl_budget():
         {"mc2": 0.5, "mc1": 0.3, "kl": 0.05},
         {"mc2": 0.45, "mc1": 0.4, "kl": 0.01},
     ]
-    assert _pick(rows, 0.1)["kl"] == 0.05
-    assert _pick(rows, 0.001)["kl"] == 0.01  # nothing within budget: least side effects
+    assert pick_within_budget(rows, 0.1)["kl"] == 0.05
+    assert pick_within_budget(rows, 0.001)["kl"] == 0.01  # nothing within budget: least side effects
 
 
 def test_settings_validation():
@@ -40,7 +41,7 @@ def test_cli_parses_main_and_eval():
 
 def test_cli_applies_model_defaults_unless_overridden():
     from hpr_peft.cli.main_job import settings_from_args
-    from hpr_peft.experiment.job import MODEL_DEFAULTS
+    from hpr_peft.experiment import MODEL_DEFAULTS
 
     parse = build_parser("main").parse_args
     plain = settings_from_args(parse(["main"]))
