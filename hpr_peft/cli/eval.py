@@ -18,7 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="file with question ids (one per line, or a JSON list) to score; default all 817",
     )
-    parser.add_argument("--truthfulqa-dir", default=None, help="folder with mc_task.json (or the Hub id)")
+    parser.add_argument(
+        "--truthfulqa-dir",
+        default=None,
+        help="folder with mc_task.json, or the Hub id (default $HPR_TRUTHFULQA_DIR)",
+    )
     parser.add_argument("--output", required=True, help="folder for eval.json")
     parser.add_argument("--no-side-effects", action="store_true", help="skip perplexity / KL on neutral text")
     parser.add_argument("--threads", type=int, default=None)
@@ -48,12 +52,12 @@ def run(args: argparse.Namespace) -> int:
 
     import hpr_peft  # noqa: F401  (registers the PEFT type)
     from hpr_peft.evaluation import evaluate_truthfulqa
-    from hpr_peft.experiment.job import _load_model
+    from hpr_peft.runtime.bundled_models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     question_ids = _read_ids(args.questions) if args.questions else None
-    model, tokenizer = _load_model(args.model)
+    model, tokenizer = load_model(args.model)
     context = None
     if args.adapter:
         from peft import PeftModel

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from hpr_peft.data import QA_PRIMER, MCQuestion
+from hpr_peft.data import QA_PRIMER, MCQuestion, answer_continuation, question_context
 from hpr_peft.evaluation.packing import TreeRow, pack_rows, plan_batches
 
 if TYPE_CHECKING:
@@ -68,16 +68,6 @@ def stack_contexts(*factories: ContextFactory | None) -> ContextFactory:
             yield
 
     return combined
-
-
-def question_context(question: str, primer: str = QA_PRIMER) -> str:
-    """lm-eval's TruthfulQA context: ``primer + "\\n\\nQ: " + question + "\\nA:"``."""
-    return primer + "\n\nQ: " + question + "\nA:"
-
-
-def answer_continuation(answer: str) -> str:
-    """lm-eval's continuation: the default target delimiter ``" "`` then the answer."""
-    return " " + answer
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:

@@ -91,14 +91,6 @@ class JobSettings:
             raise ValueError(f"kl_budget must be > 0, got {self.kl_budget}.")
 
 
-def _load_model(name: str):
-    from hpr_peft.runtime.bundled_models import BUNDLED_MODELS, load_bundled, load_causal_lm
-
-    if name in BUNDLED_MODELS:
-        return load_bundled(name)
-    return load_causal_lm(name)
-
-
 def _pick(rows: list[dict[str, Any]], kl_budget: float) -> dict[str, Any]:
     """Best validation MC2 (then MC1) among rows with KL ≤ budget; else the smallest-KL row."""
     within = [r for r in rows if r["kl"] <= kl_budget]
@@ -133,6 +125,7 @@ def run_main_job(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | N
     from hpr_peft.evaluation.side_effects import NeutralText
     from hpr_peft.fitting import fit_hpr
     from hpr_peft.fitting.activations import AnswerCollector
+    from hpr_peft.runtime.bundled_models import load_model
     from hpr_peft.tuner.control import edit_settings, monitor
 
     settings.validate()
@@ -149,7 +142,7 @@ def run_main_job(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | N
         return now
 
     t = time.perf_counter()
-    base, tokenizer = model_and_tokenizer if model_and_tokenizer is not None else _load_model(settings.model)
+    base, tokenizer = model_and_tokenizer if model_and_tokenizer is not None else load_model(settings.model)
     t = lap("load_model", t)
 
     questions = load_truthfulqa_mc(settings.truthfulqa_dir)

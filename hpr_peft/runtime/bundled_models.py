@@ -113,3 +113,10 @@ def load_causal_lm(
 def load_bundled(name: str = "smollm2", dtype: torch.dtype = torch.float32):
     """Load a bundled offline model by short name; see :func:`load_causal_lm`."""
     return load_causal_lm(name, dtype=dtype)
+
+
+def load_model(name_or_path: str):
+    """(model, tokenizer) from a bundled short name (``"smollm2"``, ``"gemma3"``), a Hub id or a folder."""
+    if name_or_path in BUNDLED_MODELS:
+        return load_bundled(name_or_path)
+    return load_causal_lm(name_or_path)
