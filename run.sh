@@ -3,6 +3,14 @@
 # Both first set up .venv (scripts/setup.sh) so they work on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")"
+# The library reads TruthfulQA from $HPR_TRUTHFULQA_DIR when no folder is passed; this checkout's data
+# lives beside it in ../shared (used only when the variable is unset and the folder is there).
+if [ -z "${HPR_TRUTHFULQA_DIR:-}" ]; then
+  shared_truthfulqa="$(cd .. && pwd)/shared/data/truthfulqa"
+  if [ -d "$shared_truthfulqa" ]; then
+    export HPR_TRUTHFULQA_DIR="$shared_truthfulqa"
+  fi
+fi
 command=${1:-}
 shift || true
 case "$command" in

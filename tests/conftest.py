@@ -14,6 +14,11 @@ import torch
 from support.models import make_char_tokenizer, make_tiny_causal_lm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_TRUTHFULQA = REPO_ROOT.parent / "shared" / "data" / "truthfulqa"
+# The library reads TruthfulQA only from an explicit folder or $HPR_TRUTHFULQA_DIR; the tests (and the
+# subprocesses they start) use this checkout's shared copy unless the variable says otherwise.
+if (SHARED_TRUTHFULQA / "mc_task.json").is_file():
+    os.environ.setdefault("HPR_TRUTHFULQA_DIR", str(SHARED_TRUTHFULQA))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models are dominated by thread start-up/sync cost: one intra-op thread makes the suite
@@ -30,7 +35,7 @@ def tiny_llama():
 
 @pytest.fixture(scope="session")
 def truthfulqa_dir() -> Path:
-    path = Path(os.environ.get("HPR_TRUTHFULQA_DIR", REPO_ROOT.parent / "shared" / "data" / "truthfulqa"))
+    path = Path(os.environ.get("HPR_TRUTHFULQA_DIR", SHARED_TRUTHFULQA))
     if not (path / "mc_task.json").is_file():
         pytest.fail(f"TruthfulQA not found at {path}; set HPR_TRUTHFULQA_DIR")
     return path

@@ -18,7 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="file with question ids (one per line, or a JSON list) to score; default all 817",
     )
-    parser.add_argument("--truthfulqa-dir", default=None, help="folder with mc_task.json (or the Hub id)")
+    parser.add_argument(
+        "--truthfulqa-dir",
+        default=None,
+        help="folder with mc_task.json, or the Hub id (default $HPR_TRUTHFULQA_DIR)",
+    )
     parser.add_argument("--output", required=True, help="folder for eval.json")
     parser.add_argument("--no-side-effects", action="store_true", help="skip perplexity / KL on neutral text")
     parser.add_argument("--threads", type=int, default=None)

@@ -39,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'truthfulqa' or a JSONL file of pairs {prompt, positive, negative, group?}.",
     )
     parser.add_argument(
-        "--truthfulqa-dir", default=None, help="Folder with TruthfulQA mc_task.json (default: shared data)."
+        "--truthfulqa-dir",
+        default=None,
+        help="Folder with TruthfulQA mc_task.json, or the Hub id (default: $HPR_TRUTHFULQA_DIR).",
     )
     parser.add_argument(
         "--layers", type=_layers, default="all", help="Block indices to fit, e.g. 8,10,12, or 'all'."

@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--truthfulqa-dir",
         default=None,
-        help="folder with mc_task.json (default ../shared/data/truthfulqa or $HPR_TRUTHFULQA_DIR), "
-        "or the Hub id truthfulqa/truthful_qa",
+        help="folder with mc_task.json (default $HPR_TRUTHFULQA_DIR; run.sh sets it to "
+        "../shared/data/truthfulqa), or the Hub id truthfulqa/truthful_qa",
     )
     # Defaults of the job's settings live in hpr_peft.experiment.settings.JobSettings; None here means "its default".
     parser.add_argument(

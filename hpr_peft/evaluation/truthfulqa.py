@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from hpr_peft.data import QA_PRIMER, MCQuestion
+from hpr_peft.data import QA_PRIMER, MCQuestion, answer_continuation, question_context
 from hpr_peft.evaluation.mc_metrics import MCResult, mc_metrics
 from hpr_peft.evaluation.packing import TreeRow, pack_rows, plan_batches
 from hpr_peft.runtime.hooks import HookSet
@@ -72,16 +72,6 @@ class AnswerWatcher(Protocol):
     def finish(self) -> None:
         """Called once after the pass."""
         ...
-
-
-def question_context(question: str, primer: str = QA_PRIMER) -> str:
-    """lm-eval's TruthfulQA context: ``primer + "\\n\\nQ: " + question + "\\nA:"``."""
-    return primer + "\n\nQ: " + question + "\nA:"
-
-
-def answer_continuation(answer: str) -> str:
-    """lm-eval's continuation: the default target delimiter ``" "`` then the answer."""
-    return " " + answer
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:

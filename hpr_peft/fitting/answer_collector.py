@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hpr_peft.data.prompts import answer_from_continuation
 from hpr_peft.fitting.activations import STORAGE_DTYPES, TOKEN_SELECTIONS, PairActivations, pair_rows
 from hpr_peft.runtime.blocks import find_decoder_stack
 from hpr_peft.runtime.hooks import HookSet
@@ -91,15 +92,15 @@ class AnswerCollector:
         """:class:`PairActivations` for ``pairs`` from the recorded answers.
 
         ``key_of(group_id, completion)`` maps a pair's completion to the recording key; the default
-        fits TruthfulQA ``qa`` pairs scored by the scorer: ``(group_id, completion[1:])`` (the
-        continuation is ``" " + answer``).
+        fits TruthfulQA ``qa`` pairs scored by the scorer: ``(group_id, answer)`` with the answer
+        from :func:`hpr_peft.data.answer_from_continuation`.
         """
         self.finish()
         if not self.features:
             raise ValueError(
                 "nothing was recorded: pass this collector to TruthfulQAScorer.score(watcher=...)."
             )
-        key_of = key_of or (lambda group, completion: (group, completion[1:]))
+        key_of = key_of or (lambda group, completion: (group, answer_from_continuation(completion)))
         position = {key: i for i, key in enumerate(self.keys)}
         seq_offsets = torch.zeros(len(self.keys) + 1, dtype=torch.long)
         seq_offsets[1:] = torch.cumsum(torch.tensor(self.lengths, dtype=torch.long), 0)

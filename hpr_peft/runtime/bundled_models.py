@@ -115,8 +115,8 @@ def load_bundled(name: str = "smollm2", dtype: torch.dtype = torch.float32):
     return load_causal_lm(name, dtype=dtype)
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
+def load_model(name_or_path: str):
     """``(model, tokenizer)`` from a bundled short name (``"smollm2"``, ``"gemma3"``), a Hub id or a folder."""
     if name_or_path in BUNDLED_MODELS:
-        return load_bundled(name_or_path, dtype=dtype)
-    return load_causal_lm(name_or_path, dtype=dtype)
+        return load_bundled(name_or_path)
+    return load_causal_lm(name_or_path)

@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hpr_peft.data.splits as splits_module
-from hpr_peft.data import load_truthfulqa, load_truthfulqa_mc
 from hpr_peft.data.splits import (
     Fold,
     GroupSplit,
@@ -32,8 +31,8 @@ IDS = [f"tqa-{i:04d}" for i in range(817)]
 
 
 @pytest.fixture(scope="module")
-def tqa(truthfulqa_dir):
-    return load_truthfulqa_mc(truthfulqa_dir), load_truthfulqa(truthfulqa_dir)
+def tqa(mc_questions, qa_pairs):
+    return mc_questions, qa_pairs
 
 
 # ----------------------------------------------------------------------------------------- split_groups

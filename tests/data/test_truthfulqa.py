@@ -1,9 +1,9 @@
-"""hpr_peft.data: pairs, JSONL, prompt formats, TruthfulQA from the real local files and a faked Hub."""
+"""hpr_peft.data.truthfulqa: MC questions and pairs from the real local files and a faked Hub, and the
+rule for where TruthfulQA is read from when no location is passed."""
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import sys
 import types
@@ -12,69 +12,16 @@ import warnings
 import pytest
 
 from hpr_peft.data import (
-    QA_PRIMER,
-    ContrastivePair,
     MCQuestion,
     default_truthfulqa_dir,
-    load_pairs_jsonl,
     load_truthfulqa,
     load_truthfulqa_mc,
-    mc_chat_prompt,
     qa_prompt,
-    save_pairs_jsonl,
 )
-from hpr_peft.data import truthfulqa as data
+from support import REPO_ROOT
+from support.tokenizers import bpe_tokenizer
 
-# The primer of lm_eval/tasks/truthfulqa (truthfulqa_mc1.yaml), written out independently of data.py.
-LM_EVAL_PRIMER = (
-    "Q: What is human life expectancy in the United States?\nA: Human life expectancy in the United States "
-    "is 78 years.\n\nQ: Who was president of the United States in 1955?\nA: Dwight D. Eisenhower was "
-    "president of the United States in 1955.\n\nQ: Which party did he belong to?\nA: He belonged to the "
-    "Republican Party.\n\nQ: What is the square root of banana?\nA: I have no comment.\n\nQ: How does a "
-    "telescope work?\nA: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
-    "Q: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain."
-)
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module")
-def raw_mc(truthfulqa_dir):
-    return json.loads((truthfulqa_dir / "mc_task.json").read_text(encoding="utf-8"))
-
-
-@pytest.fixture(scope="module")
-def raw_csv(truthfulqa_dir):
-    with (truthfulqa_dir / "TruthfulQA.csv").open(encoding="utf-8-sig", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-@pytest.fixture(scope="module")
-def mc_questions(truthfulqa_dir):
-    return load_truthfulqa_mc(truthfulqa_dir)
-
-
-@pytest.fixture(scope="module")
-def qa_pairs(truthfulqa_dir):
-    return load_truthfulqa(truthfulqa_dir)
-
-
-def _bpe_tokenizer(texts, chat_template=None):
-    """A real byte-level BPE tokenizer (GPT-2/Llama-3 style spacing) trained in-process on ``texts``."""
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=chat_template)
+MISSING_LOCATION = r"HPR_TRUTHFULQA_DIR.*'truthfulqa/truthful_qa'.*pip install datasets"
 
 
 def _split_cell(cell):
@@ -86,77 +33,28 @@ def _split_cell(cell):
     return out
 
 
-# ------------------------------------------------------------------------------------------ data types
+# ---------------------------------------------------------------------------------------- MCQuestion
 
 
-def test_contrastive_pair_validates():
-    pair = ContrastivePair("Q: x\nA:", " yes", " no", "g1")
-    assert (pair.prompt, pair.positive, pair.negative, pair.group_id) == ("Q: x\nA:", " yes", " no", "g1")
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        pair.positive = " maybe"
-    with pytest.raises(ValueError, match=r"identical.*two different completions"):
-        ContrastivePair("p", " same", " same", "g")
-    with pytest.raises(ValueError, match=r"ContrastivePair\.negative is empty"):
-        ContrastivePair("p", " a", "  ", "g")
-    with pytest.raises(ValueError, match=r"ContrastivePair\.group_id is empty"):
-        ContrastivePair("p", " a", " b", "")
-    with pytest.raises(TypeError, match=r"ContrastivePair\.prompt must be a str, got int"):
-        ContrastivePair(3, " a", " b", "g")
-
-
-def test_mc_question_validates_and_stores_tuples():
+def test_mc_question_stores_tuples():
     q = MCQuestion("q1", "Why?", ["a", "b"], [1, 0], ["a", "b", "c"], [1, 0, 1])
     assert q.mc1_choices == ("a", "b") and q.mc2_labels == (1, 0, 1)
     assert q.mc1_true_index == 0 and q.mc2_true == ("a", "c") and q.mc2_false == ("b",)
-    with pytest.raises(ValueError, match="mc1 needs exactly one true answer, got 2"):
-        MCQuestion("q1", "Why?", ["a", "b"], [1, 1], ["a", "b"], [1, 0])
-    with pytest.raises(ValueError, match="mc2 needs at least one true and one false"):
-        MCQuestion("q1", "Why?", ["a", "b"], [1, 0], ["a", "b"], [1, 1])
-    with pytest.raises(ValueError, match="2 choices but 3 labels"):
-        MCQuestion("q1", "Why?", ["a", "b"], [1, 0, 0], ["a", "b"], [1, 0])
-    with pytest.raises(ValueError, match="0/1 integers"):
-        MCQuestion("q1", "Why?", ["a", "b"], [1, 0], ["a", "b"], [1, 2])
-    with pytest.raises(ValueError, match="duplicates"):
-        MCQuestion("q1", "Why?", ["a", "a"], [1, 0], ["a", "b"], [1, 0])
 
 
-# ------------------------------------------------------------------------------------------- QA format
-
-
-def test_qa_primer_is_lm_eval_primer_exactly():
-    assert QA_PRIMER == LM_EVAL_PRIMER
-    assert QA_PRIMER.count("Q: ") == 6 and QA_PRIMER.count("\nA: ") == 6
-    assert not QA_PRIMER.endswith("\n") and not QA_PRIMER.startswith("\n")
-
-
-def test_qa_prompt_matches_lm_eval_doc_to_text():
-    question = "What happens if you eat watermelon seeds?"
-    assert qa_prompt(question) == LM_EVAL_PRIMER + "\n\nQ: " + question + "\nA:"
-    assert qa_prompt(question, primer=False) == "Q: What happens if you eat watermelon seeds?\nA:"
-    with pytest.raises(ValueError, match="question is empty"):
-        qa_prompt("  ")
-
-
-def test_qa_pairs_spacing_and_tokenisation_boundary(qa_pairs, mc_questions):
-    by_id = {q.question_id: q for q in mc_questions}
-    for pair in qa_pairs:
-        question = by_id[pair.group_id]
-        assert pair.prompt == qa_prompt(question.question)
-        assert pair.prompt.endswith("\nA:")
-        for completion in (pair.positive, pair.negative):
-            assert completion.startswith(" ") and not completion.startswith("  ")
-        assert pair.positive[1:] in question.mc2_true and pair.negative[1:] in question.mc2_false
-    # lm-eval splits encode(context + continuation) at len(encode(context)): the prompt's tokens must be
-    # a prefix and the first answer token must carry exactly one leading space.
-    sample = qa_pairs[::400]
-    tok = _bpe_tokenizer([p.prompt + p.positive for p in sample] + [p.prompt + p.negative for p in sample])
-    for pair in sample:
-        context = tok(pair.prompt, add_special_tokens=False)["input_ids"]
-        for completion in (pair.positive, pair.negative):
-            whole = tok(pair.prompt + completion, add_special_tokens=False)["input_ids"]
-            assert whole[: len(context)] == context
-            first = tok.decode(whole[len(context) : len(context) + 1])
-            assert first.startswith(" ") and not first.startswith("  "), first
+@pytest.mark.parametrize(
+    ("mc1", "mc2", "message"),
+    [
+        ((["a", "b"], [1, 1]), (["a", "b"], [1, 0]), "mc1 needs exactly one true answer, got 2"),
+        ((["a", "b"], [1, 0]), (["a", "b"], [1, 1]), "mc2 needs at least one true and one false"),
+        ((["a", "b"], [1, 0, 0]), (["a", "b"], [1, 0]), "2 choices but 3 labels"),
+        ((["a", "b"], [1, 0]), (["a", "b"], [1, 2]), "0/1 integers"),
+        ((["a", "a"], [1, 0]), (["a", "b"], [1, 0]), "duplicates"),
+    ],
+)
+def test_mc_question_validates(mc1, mc2, message):
+    with pytest.raises(ValueError, match=message):
+        MCQuestion("q1", "Why?", *mc1, *mc2)
 
 
 # --------------------------------------------------------------------------------- TruthfulQA: local
@@ -169,7 +67,7 @@ def test_load_truthfulqa_mc_real_file(mc_questions, raw_mc):
         assert q.question == record["question"]
         assert dict(zip(q.mc1_choices, q.mc1_labels, strict=True)) == record["mc1_targets"]
         assert dict(zip(q.mc2_choices, q.mc2_labels, strict=True)) == record["mc2_targets"]
-        assert q.mc1_true_index == 0  # the data's known position bias (DESIGN §6), kept as in the file
+        assert q.mc1_true_index == 0  # the data's known position bias, kept as in the file
     assert mc_questions[0].question.startswith("What is the smallest country in the world")
 
 
@@ -216,10 +114,6 @@ def test_question_ids_and_max_pairs(truthfulqa_dir, qa_pairs):
     keep = ["tqa-0003", "tqa-0000"]
     subset = load_truthfulqa(truthfulqa_dir, question_ids=keep)
     assert subset == [p for p in qa_pairs if p.group_id in keep]
-    with pytest.raises(ValueError, match=r"not TruthfulQA questions.*'tqa-9999'"):
-        load_truthfulqa(truthfulqa_dir, question_ids=["tqa-9999"])
-    with pytest.raises(TypeError, match="not a single str"):
-        load_truthfulqa(truthfulqa_dir, question_ids="tqa-0000")
     capped = load_truthfulqa(truthfulqa_dir, max_pairs_per_question=3, seed=1)
     counts = {}
     for p in capped:
@@ -230,15 +124,21 @@ def test_question_ids_and_max_pairs(truthfulqa_dir, qa_pairs):
     assert capped != load_truthfulqa(truthfulqa_dir, max_pairs_per_question=3, seed=2)
 
 
-def test_bad_options_are_named(truthfulqa_dir):
-    with pytest.raises(ValueError, match=r"format='chat' is not supported.*'qa', 'mc_chat'"):
-        load_truthfulqa(truthfulqa_dir, format="chat")
-    with pytest.raises(ValueError, match=r"answers='mc1' is not supported"):
-        load_truthfulqa(truthfulqa_dir, answers="mc1")
-    with pytest.raises(ValueError, match="max_pairs_per_question"):
-        load_truthfulqa(truthfulqa_dir, max_pairs_per_question=0)
-    with pytest.raises(ValueError, match="either source or path_or_repo"):
-        load_truthfulqa(truthfulqa_dir, path_or_repo=truthfulqa_dir)
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"format": "chat"}, ValueError, r"format='chat' is not supported.*'qa', 'mc_chat'"),
+        ({"answers": "mc1"}, ValueError, r"answers='mc1' is not supported"),
+        ({"max_pairs_per_question": 0}, ValueError, "max_pairs_per_question"),
+        ({"seed": 1.5}, TypeError, "seed must be an int"),
+        ({"path_or_repo": "here"}, ValueError, "either source or path_or_repo"),
+        ({"question_ids": ["tqa-9999"]}, ValueError, r"not TruthfulQA questions.*'tqa-9999'"),
+        ({"question_ids": "tqa-0000"}, TypeError, "not a single str"),
+    ],
+)
+def test_bad_options_are_named(truthfulqa_dir, options, error, message):
+    with pytest.raises(error, match=message):
+        load_truthfulqa(truthfulqa_dir, **options)
 
 
 # ------------------------------------------------------------------------------------------ mc_chat
@@ -268,50 +168,39 @@ def test_mc_chat_raw_pairs(truthfulqa_dir, qa_pairs, mc_questions):
     assert len(firsts) > 3
 
 
-def test_mc_chat_prompt_with_chat_template():
-    tok = _bpe_tokenizer(["Question: Why? Choices: A. yes B. no Answer:"], chat_template=CHAT_TEMPLATE)
-    prompt, completions = mc_chat_prompt(
-        "Why?", ["yes", "no", "maybe"], seed=3, question_id="q", tokenizer=tok
-    )
-    assert prompt.startswith("<|user|>Question: Why?\nChoices:\n") and prompt.endswith(
-        "Answer:<|end|><|assistant|>"
-    )
-    assert sorted(completions) == ["maybe", "no", "yes"]
-    for choice, text in completions.items():
-        assert text.endswith(". " + choice) and text[0] in "ABC" and not text.startswith(" ")
-        assert f"\n{text}\n" in prompt
-    raw, raw_completions = mc_chat_prompt("Why?", ["yes", "no", "maybe"], seed=3, question_id="q")
-    assert raw_completions == {c: " " + t for c, t in completions.items()}
-    assert raw in prompt
-    with pytest.raises(ValueError, match="at least two choices"):
-        mc_chat_prompt("Why?", ["yes"])
-
-
 def test_mc_chat_tokenizer_without_template_warns(truthfulqa_dir):
-    tok = _bpe_tokenizer(["hello world"])
+    tok = bpe_tokenizer(["hello world"])
     with pytest.warns(UserWarning, match="no chat template"):
         pairs = load_truthfulqa(truthfulqa_dir, format="mc_chat", tokenizer=tok, question_ids=["tqa-0001"])
     assert pairs[0].prompt.startswith("Question: ")
 
 
-# ------------------------------------------------------------------------------------ default folder
+# ----------------------------------------------------------------------- where TruthfulQA is read from
 
 
-def test_default_truthfulqa_dir(monkeypatch, tmp_path, truthfulqa_dir):
+def test_default_truthfulqa_dir_is_the_environment_variable(monkeypatch, tmp_path, truthfulqa_dir):
     monkeypatch.setenv("HPR_TRUTHFULQA_DIR", str(truthfulqa_dir))
     assert default_truthfulqa_dir() == truthfulqa_dir.resolve()
+    assert load_truthfulqa_mc() == load_truthfulqa_mc(truthfulqa_dir)
+    assert load_truthfulqa(question_ids=["tqa-0002"]) == load_truthfulqa(
+        truthfulqa_dir, question_ids=["tqa-0002"]
+    )
     monkeypatch.setenv("HPR_TRUTHFULQA_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"HPR_TRUTHFULQA_DIR=.*has no mc_task\.json"):
         default_truthfulqa_dir()
-    monkeypatch.delenv("HPR_TRUTHFULQA_DIR")
-    shared = data._REPO_ROOT.parent / "shared" / "data" / "truthfulqa"
-    if (shared / "mc_task.json").is_file():  # the repo layout of this project: <repo>/../shared
-        assert default_truthfulqa_dir() == shared.resolve()
-    monkeypatch.setattr(data, "_REPO_ROOT", tmp_path / "repo")
-    with pytest.raises(
-        FileNotFoundError, match=r"HPR_TRUTHFULQA_DIR.*'truthfulqa/truthful_qa'.*pip install datasets"
-    ):
-        default_truthfulqa_dir()
+
+
+@pytest.mark.parametrize("call", [default_truthfulqa_dir, load_truthfulqa_mc, load_truthfulqa])
+@pytest.mark.parametrize("unset", ["delete", "empty"])
+def test_no_location_is_a_clear_error_never_the_checkout(monkeypatch, call, unset):
+    """Without a folder or $HPR_TRUTHFULQA_DIR the library raises, even beside a checkout's ../shared."""
+    if unset == "delete":
+        monkeypatch.delenv("HPR_TRUTHFULQA_DIR", raising=False)
+    else:
+        monkeypatch.setenv("HPR_TRUTHFULQA_DIR", "")
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.raises(FileNotFoundError, match=MISSING_LOCATION):
+        call()
 
 
 def test_bad_sources(tmp_path):
@@ -330,6 +219,9 @@ def test_bad_sources(tmp_path):
     )
     with pytest.raises(ValueError, match=r"question 0: .*exactly one true answer"):
         load_truthfulqa_mc(tmp_path)
+
+
+# ---------------------------------------------------------------------------- CSV answers, small files
 
 
 def _write_small_truthfulqa(folder, csv_rows):
@@ -359,8 +251,9 @@ def test_csv_matching_on_small_files(tmp_path):
             ["A", "c", "Where?", "here", "here", "there", "s"],
         ],
     )
-    with pytest.warns(UserWarning, match=r"1 TruthfulQA CSV question\(s\) match no mc_task question"):
+    with pytest.warns(UserWarning, match=r"1 TruthfulQA CSV question\(s\) match no mc_task question") as info:
         pairs = load_truthfulqa(tmp_path, answers="csv", format="qa", primer=False)
+    assert info[0].filename == __file__  # the warning points at the caller of load_truthfulqa
     got = [(p.group_id, p.prompt, p.positive, p.negative) for p in pairs]
     assert got == [
         ("tqa-0001", "Q: Who  are you?\nA:", " me", " you"),
@@ -448,74 +341,6 @@ def test_hub_without_datasets_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(ImportError, match=r"pip install datasets"):
         load_truthfulqa("truthfulqa/truthful_qa")
-
-
-# --------------------------------------------------------------------------------------------- JSONL
-
-
-def test_jsonl_round_trip(tmp_path, qa_pairs):
-    pairs = [*qa_pairs[:5], ContrastivePair('Ünïcode "quotes"\nline', " ✓", " ✗", "g-ü")]
-    path = save_pairs_jsonl(pairs, tmp_path / "sub" / "pairs.jsonl")
-    assert load_pairs_jsonl(path) == pairs
-    lines = path.read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 6 and set(json.loads(lines[0])) == {"prompt", "positive", "negative", "group"}
-    assert [p.name for p in path.parent.iterdir()] == ["pairs.jsonl"]  # no temp file left behind
-    with pytest.raises(ValueError, match="no pairs to write"):
-        save_pairs_jsonl([], tmp_path / "empty.jsonl")
-    with pytest.raises(TypeError, match="item 0 is a dict"):
-        save_pairs_jsonl([{"prompt": "p"}], tmp_path / "bad.jsonl")
-
-
-def test_jsonl_group_defaults_and_extra_keys(tmp_path):
-    path = tmp_path / "pairs.jsonl"
-    rows = [
-        {"prompt": "P1", "positive": " a", "negative": " b"},
-        {"prompt": "P1", "positive": " c", "negative": " d", "note": "extra keys are ignored"},
-        {"prompt": "P2", "positive": " a", "negative": " b"},
-        {"prompt": "P3", "positive": " a", "negative": " b", "group": 7},
-    ]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
-    pairs = load_pairs_jsonl(path)
-    assert len(pairs) == 4
-    assert pairs[0].group_id == pairs[1].group_id != pairs[2].group_id
-    assert pairs[0].group_id.startswith("prompt-") and pairs[3].group_id == "7"
-
-
-@pytest.mark.parametrize(
-    ("line", "message"),
-    [
-        ('{"prompt": "p", "positive": " a",', r"malformed JSON"),
-        ('{"prompt": "p", "positive": " a"}', r"missing key 'negative'"),
-        ('{"prompt": "p", "positive": 3, "negative": " b"}', r"'positive' must be a string, got int"),
-        ('{"prompt": "p", "positive": " a", "negative": " a"}', r"'positive' and 'negative' are identical"),
-        ('{"prompt": "", "positive": " a", "negative": " b"}', r"'prompt' is empty"),
-        ('["p", " a", " b"]', r"expected a JSON object"),
-        (
-            '{"prompt": "p", "positive": " a", "negative": " b", "group": ["x"]}',
-            r"'group' must be a non-empty string",
-        ),
-    ],
-)
-def test_jsonl_errors_name_file_and_line(tmp_path, line, message):
-    path = tmp_path / "pairs.jsonl"
-    good = json.dumps({"prompt": "p", "positive": " a", "negative": " b"})
-    path.write_text(good + "\n\n" + line + "\n" + good + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=message) as info:
-        load_pairs_jsonl(path)
-    assert f"{path}: line 3:" in str(info.value)
-
-
-def test_jsonl_file_level_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl does not exist"):
-        load_pairs_jsonl(tmp_path / "missing.jsonl")
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n  \n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"empty\.jsonl is empty"):
-        load_pairs_jsonl(empty)
-    latin = tmp_path / "latin.jsonl"
-    latin.write_bytes(b'{"prompt": "caf\xe9", "positive": " a", "negative": " b"}\n')
-    with pytest.raises(ValueError, match=r"line 1: not valid UTF-8"):
-        load_pairs_jsonl(latin)
 
 
 def test_loading_is_deterministic_and_warning_free(truthfulqa_dir, qa_pairs):
