@@ -36,7 +36,7 @@ _LAZY_EXPORTS: dict[str, str] = {
     "load_adapter": "hpr_peft.hub",
     "AutoHPRModelForCausalLM": "hpr_peft.hub",
     "HubAccessError": "hpr_peft.hub",
-    "save_adapter_atomic": "hpr_peft.runtime.atomic_files",
+    "save_adapter_atomic": "hpr_peft.hub",
     "save_pairs_jsonl": "hpr_peft.data",
     "QA_PRIMER": "hpr_peft.data",
     "qa_prompt": "hpr_peft.data",

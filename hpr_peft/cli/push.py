@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpr_peft.hub.sharing import DEFAULT_COMMIT_MESSAGE, HubAccessError, push_to_hub
+    from hpr_peft.hub import DEFAULT_COMMIT_MESSAGE, HubAccessError, push_to_hub
 
     try:
         info = push_to_hub(

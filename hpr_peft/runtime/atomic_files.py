@@ -1,18 +1,11 @@
-"""Atomic adapter saves: a crash or error mid-save never leaves a half-written adapter directory.
+"""Atomic files and directories: a crash or error mid-write never leaves a half-written result.
 
-``save_pretrained`` writes ``adapter_config.json`` and ``adapter_model.safetensors`` one after the other,
-straight into the target directory: an exception or a killed process in between leaves a config that
-does not match its weights (or a truncated safetensors file) where a good adapter used to be. Here the
-new adapter is written into a temporary directory next to the target (same filesystem, so renames are
-atomic), flushed to disk, and only then swapped in with ``os.replace``; the old directory is renamed
-aside first and removed only once the new one is in place.
-
-Files already in the target directory that the new save does not write (a fit report, plots, other
-adapters in sub-directories) are carried over into the new directory (hard links where possible), so a
-save replaces the adapter, not the user's other files.
-
-The core calls :func:`atomic_directory` (``with atomic_directory(path) as tmp: <write into tmp>``);
-users call :func:`save_adapter_atomic`.
+:func:`write_text_atomic` writes a file through a temporary file and ``os.replace``.
+:func:`atomic_directory` yields a temporary directory next to the target (same filesystem, so renames
+are atomic); when the body succeeds its contents are flushed to disk and swapped in by
+:func:`replace_directory`: the old directory is renamed aside first and removed only once the new one is
+in place. Entries of the old directory that the new one lacks (a report, plots, sub-directories) are
+carried over (hard links where possible), unless the caller marks them stale.
 """
 
 from __future__ import annotations
@@ -22,11 +15,13 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-__all__ = ["atomic_directory", "replace_directory", "save_adapter_atomic", "write_text_atomic"]
+__all__ = ["IsStale", "atomic_directory", "replace_directory", "write_text_atomic"]
+
+IsStale = Callable[[Path, Path], bool]
+"""``is_stale(old_entry, new_directory)``: True drops ``old_entry`` instead of carrying it over."""
 
 _TMP_TAG = ".tmp-"
 _OLD_TAG = ".old-"
@@ -63,13 +58,11 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _carry_over(old: Path, new: Path) -> None:
+def _carry_over(old: Path, new: Path, is_stale: IsStale | None) -> None:
     """Copy into ``new`` every entry of ``old`` that ``new`` does not have (hard links where possible)."""
-    # a stale pickle beside fresh safetensors weights would only confuse loaders: drop it
-    skip = {"adapter_model.bin"} if (new / "adapter_model.safetensors").exists() else set()
     for entry in old.iterdir():
         target = new / entry.name
-        if entry.name in skip or target.exists() or target.is_symlink():
+        if target.exists() or target.is_symlink() or (is_stale is not None and is_stale(entry, new)):
             continue
         if entry.is_symlink():
             os.symlink(os.readlink(entry), target)
@@ -79,11 +72,17 @@ def _carry_over(old: Path, new: Path) -> None:
             _link_or_copy(str(entry), str(target))
 
 
-def replace_directory(new: str | os.PathLike, target: str | os.PathLike, keep_existing: bool = True) -> Path:
+def replace_directory(
+    new: str | os.PathLike,
+    target: str | os.PathLike,
+    keep_existing: bool = True,
+    is_stale: IsStale | None = None,
+) -> Path:
     """Move the complete directory ``new`` to ``target``, replacing what is there.
 
     ``new`` must be on the same filesystem as ``target`` (make it next to it). With ``keep_existing``,
-    entries of the old ``target`` that ``new`` lacks are carried over first. The old directory is renamed
+    entries of the old ``target`` that ``new`` lacks are carried over first, except those for which
+    ``is_stale(entry, new)`` is true. The old directory is renamed
     aside, ``new`` renamed into place, then the old one removed; if the second rename fails the old
     directory is put back. Raises FileExistsError when ``target`` is a file, not a directory.
     """
@@ -99,7 +98,7 @@ def replace_directory(new: str | os.PathLike, target: str | os.PathLike, keep_ex
         _fsync_dir(target.parent)
         return target
     if keep_existing:
-        _carry_over(target, new)
+        _carry_over(target, new, is_stale)
         _fsync_tree(new)
     aside = target.with_name(f".{target.name}{_OLD_TAG}{uuid.uuid4().hex[:12]}")
     os.replace(target, aside)
@@ -114,12 +113,14 @@ def replace_directory(new: str | os.PathLike, target: str | os.PathLike, keep_ex
 
 
 @contextlib.contextmanager
-def atomic_directory(directory: str | os.PathLike, keep_existing: bool = True) -> Iterator[Path]:
+def atomic_directory(
+    directory: str | os.PathLike, keep_existing: bool = True, is_stale: IsStale | None = None
+) -> Iterator[Path]:
     """Yield a fresh temporary directory next to ``directory``; on success it replaces ``directory``.
 
     If the body raises (or the process dies), ``directory`` is left exactly as it was and the temporary
     directory is removed (after a hard kill a hidden ``.<name>.tmp-*`` directory may remain; it is never
-    read). See :func:`replace_directory` for ``keep_existing``.
+    read). See :func:`replace_directory` for ``keep_existing`` and ``is_stale``.
     """
     target = Path(directory).expanduser().absolute()
     if target.exists() and not target.is_dir():
@@ -131,30 +132,10 @@ def atomic_directory(directory: str | os.PathLike, keep_existing: bool = True) -
     try:
         yield tmp
         _fsync_tree(tmp)
-        replace_directory(tmp, target, keep_existing=keep_existing)
+        replace_directory(tmp, target, keep_existing=keep_existing, is_stale=is_stale)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def save_adapter_atomic(
-    model: Any, directory: str | os.PathLike, *, keep_existing: bool = True, **kwargs: Any
-) -> Path:
-    """``model.save_pretrained(directory, **kwargs)``, atomically: the old adapter survives any failure.
-
-    ``model`` is anything with ``save_pretrained`` (a ``PeftModel`` with an HPR adapter, typically);
-    ``kwargs`` go to ``save_pretrained`` (``selected_adapters=``, ``safe_serialization=`` ...). Pickle
-    output is refused: ``safe_serialization=False`` raises ValueError. Returns the target directory.
-    """
-    if not callable(getattr(model, "save_pretrained", None)):
-        raise TypeError(f"save_adapter_atomic: model must have save_pretrained(), got {type(model).__name__}")
-    if kwargs.get("safe_serialization") is False:
-        raise ValueError(
-            "save_adapter_atomic: safe_serialization=False (pickle) is not supported; use safetensors"
-        )
-    with atomic_directory(directory, keep_existing=keep_existing) as tmp:
-        model.save_pretrained(str(tmp), **kwargs)
-    return Path(directory).expanduser().absolute()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -1,4 +1,4 @@
-"""Atomic adapter saves (hpr_peft.runtime.atomic_files): a failure mid-save leaves the old adapter intact, no temp dirs."""
+"""Atomic adapter saves (hpr_peft.hub.saving): a failure mid-save leaves the old adapter intact, no temp dirs."""
 
 from __future__ import annotations
 
@@ -10,14 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import hpr_peft.runtime.atomic_files as saving
+import hpr_peft
 from hpr_peft import HPRConfig
-from hpr_peft.runtime.atomic_files import (
-    atomic_directory,
-    replace_directory,
-    save_adapter_atomic,
-    write_text_atomic,
-)
+from hpr_peft.hub import save_adapter_atomic
 from support.models import make_tiny_causal_lm
 
 
@@ -118,41 +113,39 @@ def test_failure_in_save_pretrained_after_config(tmp_path: Path, monkeypatch: py
     assert _leftovers(tmp_path, "new_adapter") == []
 
 
-def test_replace_directory_restores_old_when_swap_fails(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("model", "kwargs", "error", "message"),
+    [
+        pytest.param(object(), {}, TypeError, "save_pretrained", id="no-save-pretrained"),
+        pytest.param("hpr", {"safe_serialization": False}, ValueError, "pickle", id="pickle"),
+    ],
+)
+def test_bad_inputs_are_refused_before_writing(
+    tmp_path: Path, model: object, kwargs: dict, error: type[Exception], message: str
 ) -> None:
-    target, new = tmp_path / "t", tmp_path / "n"
-    target.mkdir()
-    (target / "a").write_text("old")
-    new.mkdir()
-    (new / "a").write_text("new")
-    real_replace = os.replace
-
-    def flaky_replace(src, dst):
-        if Path(src) == new:
-            raise OSError("rename failed (injected)")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(saving.os, "replace", flaky_replace)
-    with pytest.raises(OSError, match="injected"):
-        replace_directory(new, target)
-    assert (target / "a").read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["n", "t"]
-
-
-def test_atomic_directory_and_bad_inputs(tmp_path: Path) -> None:
-    with atomic_directory(tmp_path / "d") as tmp:
-        assert tmp.parent == tmp_path and tmp.name.startswith(".d.tmp-")
-        (tmp / "x.json").write_text("{}")
-    assert (tmp_path / "d" / "x.json").read_text() == "{}"
-    (tmp_path / "file").write_text("not a dir")
-    with pytest.raises(FileExistsError, match="is a file"), atomic_directory(tmp_path / "file"):
-        pass
-    with pytest.raises(TypeError, match="save_pretrained"):
-        save_adapter_atomic(object(), tmp_path / "x")
-    with pytest.raises(ValueError, match="pickle"):
-        save_adapter_atomic(_peft(1), tmp_path / "x", safe_serialization=False)
+    with pytest.raises(error, match=message):
+        save_adapter_atomic(_peft(1) if model == "hpr" else model, tmp_path / "x", **kwargs)
     assert not (tmp_path / "x").exists()
-    write_text_atomic(tmp_path / "card" / "README.md", "hello")
-    assert (tmp_path / "card" / "README.md").read_text() == "hello"
-    assert os.listdir(tmp_path / "card") == ["README.md"]
+
+
+def test_save_into_a_file_path_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a dir")
+    with pytest.raises(FileExistsError, match="is a file"):
+        save_adapter_atomic(_peft(1), tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "not a dir"
+
+
+def test_keep_existing_false_drops_other_files(tmp_path: Path) -> None:
+    target = tmp_path / "adapter"
+    save_adapter_atomic(_peft(1), target)
+    (target / "fit_report.json").write_text("{}")
+    save_adapter_atomic(_peft(2), target, keep_existing=False)
+    assert sorted(p.name for p in target.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+
+
+def test_package_exports_the_same_function() -> None:
+    assert hpr_peft.save_adapter_atomic is save_adapter_atomic
