@@ -3,7 +3,7 @@
 The naive op is the paper's recipe taken literally: build ``H = I - 2 w wᵀ / wᵀw`` (d x d), reflect
 every token with a matmul ``r = h Hᵀ``, take ``gamma = acos(h·r / |h||r|)`` and interpolate
 ``h' = sin(θ)/sin(γ) r + sin(γ-θ)/sin(γ) h``. Ours is :func:`hpr_peft.rotation.pseudo_rotate`
-(the stable form of DESIGN §2, O(d) per token, never a d x d matrix). Both run in float32 on CPU on
+(the stable form of docs/math.md, O(d) per token, never a d x d matrix). Both run in float32 on CPU on
 the same tokens (all on the negative side of the probe, so both formulas describe the same edit), and
 both are compared with the float64 reference (:func:`hpr_peft.rotation.slerp_reference`). At
 d = 4096 random tokens lie close to the hyperplane (sin gamma ~ 0.02), where the naive float32 slerp

@@ -21,13 +21,9 @@ from hpr_peft.hub.adapter_files import (
 )
 from hpr_peft.hub.errors import explain_hub_error, hub_errors
 from hpr_peft.hub.repo_ids import looks_like_repo_id
+from hpr_peft.tuner.registration import register_hpr
 
 __all__ = ["AutoHPRModelForCausalLM", "fetch_adapter", "load_adapter"]
-
-
-def _register_hpr() -> None:
-    """Make sure peft knows the HPR type (``import hpr_peft`` does it; idempotent)."""
-    import hpr_peft  # noqa: F401  (the package registers HPR on import)
 
 
 def fetch_adapter(
@@ -138,7 +134,7 @@ def load_adapter(
     **base_model_kwargs)``. If ``base_model`` is already a PeftModel, the adapter is added to it under
     ``adapter_name``. Hub failures raise HubAccessError naming the fix.
     """
-    _register_hpr()
+    register_hpr()
     from peft import PeftModel
 
     if not isinstance(adapter_name, str) or not adapter_name:

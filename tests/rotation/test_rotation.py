@@ -1,4 +1,4 @@
-"""Property tests of hpr_peft.rotation (DESIGN §2): the stable pseudo-rotation and its helpers.
+"""Property tests of hpr_peft.rotation: the stable pseudo-rotation and its helpers.
 
 Random cases come from hypothesis (shapes, dtypes, per-token magnitudes from 1e-30 to 1e30, seeds) and
 are mixed with the degenerate rows the math must survive: zeros, h parallel / antiparallel to w,

@@ -1,4 +1,4 @@
-"""Helpers shared by the core tuner tests (tests/test_core_*.py)."""
+"""Helpers shared by the tuner tests (tests/tuner)."""
 
 from __future__ import annotations
 

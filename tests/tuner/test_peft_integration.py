@@ -122,18 +122,6 @@ def test_add_set_delete_adapters():
     assert not any("second" in n for n, _ in model.named_parameters())
 
 
-def test_disable_adapter_gives_exactly_the_base_model():
-    base = make_tiny_causal_lm("opt")
-    ids = token_ids()
-    reference = _logits(base, ids)
-    torch.manual_seed(0)
-    model = get_peft_model(base, HPRConfig(target_layers="all", init_weights=False)).eval()
-    assert not torch.allclose(_logits(model, ids), reference, atol=1e-3)
-    with model.disable_adapter():
-        assert torch.equal(_logits(model, ids), reference)
-    assert not torch.allclose(_logits(model, ids), reference, atol=1e-3)
-
-
 def test_print_trainable_parameters(capsys):
     model = random_hpr_model("llama", target_layers=[0, 1, 3])
     d, hidden = 32, 16
