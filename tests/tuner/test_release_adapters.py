@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,16 @@ def test_a_release_adapter_loads_with_the_logits_it_gave(name, loader, expected)
         assert torch.equal(logits, _base_logits())
     else:  # the fixture really edits, so matching it means something
         assert (logits - _base_logits()).abs().amax() > 0.04
+
+
+def test_a_release_adapter_has_no_gain_and_loads_with_full_gain_without_warnings():
+    from safetensors.torch import load_file as load_tensors
+
+    saved = load_tensors(FIXTURES / "fitted" / "adapter_model.safetensors")
+    assert saved and not any("hpr_gain" in key for key in saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "missing adapter keys"
+        model = PeftModel.from_pretrained(make_tiny_causal_lm("llama"), FIXTURES / "fitted")
+    layers = model.base_model.hpr_layers()
+    assert sorted(layers) == [1, 2, 3]
+    assert all(float(layer.hpr_gain["default"].weight) == 1.0 for layer in layers.values())
