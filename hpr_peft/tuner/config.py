@@ -111,6 +111,8 @@ class HPRConfig(PeftConfig):
         selected_layers: the subset of ``target_layers`` that edit; ``None`` means all targets.
             Unselected layers keep their weights (and can be switched on at run time).
         fit_results: JSON-able dict that travels with the adapter (per-layer metrics etc.).
+        layers_to_transform: PEFT's generic name for the blocks to edit (an index or a list), accepted so
+            that generic PEFT code can choose them; it becomes ``target_layers`` (give one of the two).
     """
 
     target_layers: list[int] | Literal["all"] = field(
@@ -142,6 +144,9 @@ class HPRConfig(PeftConfig):
     task_type: TaskType | str | None = field(
         default=TaskType.CAUSAL_LM, metadata={"help": "PEFT task type (HPR edits causal LMs)."}
     )
+    layers_to_transform: int | list[int] | None = field(
+        default=None, metadata={"help": "PEFT's name for the blocks to edit; becomes target_layers."}
+    )
 
     # HPR has no module-name targeting; peft's generic injection code reads this attribute.
     target_modules: ClassVar[None] = None
@@ -151,6 +156,7 @@ class HPRConfig(PeftConfig):
         self.peft_type = ensure_peft_type()
 
         self.target_layers = _layer_list("target_layers", self.target_layers, allow_all=True)
+        self._take_layers_to_transform()
 
         self.alpha = validate_alpha(self.alpha)
 
@@ -210,6 +216,20 @@ class HPRConfig(PeftConfig):
                     "fit_results must be JSON-serialisable (it is saved in adapter_config.json): convert "
                     f"tensors/arrays to lists and keys to str ({error})."
                 ) from error
+
+    def _take_layers_to_transform(self) -> None:
+        """Move PEFT's ``layers_to_transform`` into ``target_layers`` (an int means one block)."""
+        if self.layers_to_transform is None:
+            return
+        layers = self.layers_to_transform
+        layers = [layers] if _is_int(layers) else layers
+        layers = _layer_list("layers_to_transform", layers, allow_all=False)
+        if self.target_layers not in ("all", layers):
+            raise ValueError(
+                f"target_layers={self.target_layers} and layers_to_transform={self.layers_to_transform} disagree: "
+                "they name the same thing (the blocks to edit); give only target_layers."
+            )
+        self.target_layers, self.layers_to_transform = layers, None
 
     def resolved_target_layers(self, num_layers: int) -> list[int]:
         """Target block indices for a model with ``num_layers`` blocks (validates the range)."""
