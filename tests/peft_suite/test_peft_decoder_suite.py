@@ -87,7 +87,9 @@ class TestHPRDecoderModels(PeftCommonTester):
     @parametrized
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
     def test_add_adapter_no_autocast_adapter_dtype(self, model_id, config_cls, config_kwargs, dtype):
-        self._test_add_adapter_no_autocast_adapter_dtype(model_id, config_cls, config_kwargs.copy(), dtype=dtype)
+        self._test_add_adapter_no_autocast_adapter_dtype(
+            model_id, config_cls, config_kwargs.copy(), dtype=dtype
+        )
 
     @parametrized
     def test_prepare_for_training_parametrized(self, model_id, config_cls, config_kwargs):
@@ -174,7 +176,9 @@ class TestHPRDecoderModels(PeftCommonTester):
 
     @parametrized
     @pytest.mark.parametrize("use_reentrant", [True, False])
-    def test_training_decoders_gradient_checkpointing(self, model_id, config_cls, config_kwargs, use_reentrant):
+    def test_training_decoders_gradient_checkpointing(
+        self, model_id, config_cls, config_kwargs, use_reentrant
+    ):
         self._test_training_gradient_checkpointing(
             model_id, config_cls, config_kwargs.copy(), use_reentrant=use_reentrant
         )
@@ -218,7 +222,11 @@ class TestHPRDecoderModels(PeftCommonTester):
     )
     def test_merge_layers(self, model_id, config_cls, config_kwargs, merge_test):
         model = _peft_model(model_id, config_cls, _init_weights_false(config_kwargs))
-        for merge in (model.merge_and_unload, model.merge_adapter, lambda: model.merge_and_unload(safe_merge=True)):
+        for merge in (
+            model.merge_and_unload,
+            model.merge_adapter,
+            lambda: model.merge_and_unload(safe_merge=True),
+        ):
             with pytest.raises(NotImplementedError, match="cannot be merged"):
                 merge()
         pytest.skip(BY_DESIGN["merge"])
