@@ -105,9 +105,16 @@ class HPRConfig(PeftConfig):
             generation mode; not equivalent between cached and uncached decoding).
         skip_sequence_start: never edit the first real token of a sequence (an attention sink whose
             rotation wrecks the model). Default True.
-        init_weights: True: identity until fitted (zero probe weight = no hyperplane = no edit;
-            logits identical to the base model). False: random but valid editors that edit a real
-            fraction of tokens with large angles (for tests and end-to-end training).
+        init_weights: True (default): an exact identity that trains. Each editor's angle is
+            ``alpha * g * f(h)`` with a gain ``g`` that starts at 0 (like LoRA's ``B = 0``): nothing
+            turns and the logits equal the base model's bit for bit, yet one backward pass gives ``g``
+            a gradient, and from the next step on the probe and the angle net learn too. The probe
+            starts as a real hyperplane that flags about half of the tokens (calibrated on the model's
+            own hidden states, whatever their common offset), so the gate has tokens on both sides.
+            While autograd records the adapter's weights the hard gate passes gradients straight
+            through (docs/math.md); inference keeps the hard gate. ``fit_hpr`` installs ``g = 1``.
+            False: random editors that really edit (``g = 1``, probes flagging about three quarters
+            of the tokens, angles around pi/2), for tests and end-to-end training.
         selected_layers: the subset of ``target_layers`` that edit; ``None`` means all targets.
             Unselected layers keep their weights (and can be switched on at run time).
         fit_results: JSON-able dict that travels with the adapter (per-layer metrics etc.).
