@@ -9,7 +9,8 @@ transformers dequantises GGUF weights when it loads them. A bundled model is nam
 of its original weights (``model.name_or_path``, which PEFT records as an adapter's
 ``base_model_name_or_path``), so adapters fitted on it name a base model others can load; where its
 weights came from is recorded on the model (:func:`weights_source`), for the model card to say that
-they were the dequantised GGUF ones, not the original release.
+they were the dequantised GGUF ones, not the original release. A model whose weights were all
+dequantised is no longer marked as quantized, so ``transformers.Trainer`` trains adapters on it.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def load_causal_lm(
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **extra, **kwargs)
     if gguf_file:
         _record_gguf_origin(model, gguf_file, dtype, bundled)
+        _unmark_if_dequantised(model)
     model.eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -141,6 +143,18 @@ def _record_gguf_origin(model: Any, gguf_file: str, dtype: torch.dtype, bundled:
         model.config._name_or_path = hub_id
         model.name_or_path = hub_id
     setattr(model, WEIGHTS_SOURCE_ATTRIBUTE, source)
+
+
+def _unmark_if_dequantised(model: Any) -> None:
+    """Drop the "quantized" marking of a GGUF model whose weights transformers dequantised into plain
+    floating tensors (it does so without GGUF matmul kernels): it is an ordinary model then, and
+    ``transformers.Trainer`` refuses to train adapters next to a GGUF quantizer."""
+    if not all(parameter.is_floating_point() for parameter in model.parameters()):
+        return  # weights kept in GGUF blocks: a quantized model
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def _version(package: str) -> str:

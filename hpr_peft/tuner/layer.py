@@ -2,9 +2,10 @@
 
 Per adapter the layer owns a probe ``hpr_probe[adapter]`` (``nn.Linear(d, 1, bias=False)``, weight
 ``w``), an angle predictor ``hpr_angle[adapter]`` (:func:`build_angle_net`) and a gain
-``hpr_gain[adapter]`` (:class:`AngleGain`, a scalar ``g``). For each eligible token with ``sigmoid(w·h) < threshold`` the
-block output ``h`` is pseudo-rotated by ``theta = alpha * g * f(h)`` toward the positive side of the
-hyperplane ``w·x = 0`` (docs/math.md), in float32, and cast back. Fitted editors have ``g = 1``.
+``hpr_gain[adapter]`` (:class:`AngleGain`, a scalar ``g``). For each eligible token with
+``sigmoid(w·h) < threshold`` the block output ``h`` is pseudo-rotated by ``theta = alpha * g * f(h)``
+toward the positive side of the hyperplane ``w·x = 0`` (docs/math.md), in float32, and cast back.
+Fitted editors have ``g = 1``.
 
 Where the edit runs: transformers 5 records ``output_hidden_states`` with forward hooks on the
 decoder-block *class* (``_can_record_outputs``), i.e. on the wrapped block, not on this wrapper. An
