@@ -109,12 +109,14 @@ def _provenance(config: Mapping[str, Any]) -> list[str]:
     held = config.get("target_layers")
     fit = config.get("fit_results") if isinstance(config.get("fit_results"), Mapping) else {}
     fitted = [row.get("layer") for row in fit.get("layers", []) if isinstance(row, Mapping)]
-    if isinstance(held, list) and any(layer not in held for layer in fitted):
-        left_out = [layer for layer in fitted if layer not in held]
+    left_out = [layer for layer in fitted if isinstance(held, list) and layer not in held]
+    if left_out:
         lines.append(
             f"This adapter holds the editors of layers {_fmt(held)} only, the layers that edit. The fit "
             f"also trained layers {_fmt(left_out)}; their editors were left out (they did not edit)."
         )
+    elif isinstance(held, list):
+        lines.append(f"This adapter holds the editors of layers {_fmt(held)}.")
     source = fit.get(BASE_WEIGHTS_KEY)
     if isinstance(source, Mapping):
         origin = f"the {source.get('quantisation', '')} GGUF file `{source.get('gguf_file')}`".replace(

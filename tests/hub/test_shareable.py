@@ -92,6 +92,7 @@ def test_bundled_gguf_weights_are_named_by_hub_id_and_the_card_says_they_were_de
     )
     assert "dequantised to float32" in body and "not on the original weights" in body
     assert "base_model_weights" not in body  # a sentence, not a metrics row
+    assert "This adapter holds the editors of layers [1]." in body
     PeftModel.from_pretrained(make_tiny_causal_lm("llama"), tmp_path)  # the config still loads
 
 
