@@ -10,12 +10,16 @@ same base weights:
 * ``5 layers`` / ``30 layers``: ``get_peft_model(copy, HPRConfig(target_layers=...))``;
 * ``30 layers, adapter disabled``: the 30-layer model inside ``disable_adapter()`` (hook overhead only).
 
+With ``--compile``, ``torch.compile`` (inductor) copies of ``unedited``, ``5 layers`` and ``30 layers`` join
+as ``... compiled``, and the report adds each one's ratio to its eager self and to the compiled
+``unedited`` (compiled vs eager, with and without the adapter, from the same rounds).
+
 Forward passes of batch 8 x 256 tokens (full logits, ``torch.no_grad``) are timed in rounds; each round
 runs every variant once, in a rotating order, so that slow drifts of a shared machine hit all variants
 alike. Reported: the median time of each variant and its ratio to ``unedited`` (ratio of medians, and
 the median of per-round ratios). Targets: <= 1.02 with 5 edited layers, <= 1.10 with 30.
 
-Run: ``python benchmarks/bench_forward.py [--repeats 5] [--batch 8] [--seq 256] [--threads N]``
+Run: ``python benchmarks/bench_forward.py [--repeats 5] [--batch 8] [--seq 256] [--threads N] [--compile]``
 """
 
 from __future__ import annotations
@@ -85,6 +89,30 @@ def build_variants(seed: int) -> tuple[dict[str, Callable[[dict], torch.Tensor]]
     return forwards, models
 
 
+COMPILED = ("unedited", "5 layers", "30 layers")
+
+
+def add_compiled_variants(
+    forwards: dict[str, Callable[[dict], torch.Tensor]], models: dict[str, object]
+) -> None:
+    """``<name> compiled``: ``torch.compile`` of each model in :data:`COMPILED` (inductor, same weights)."""
+    for name in COMPILED:
+        compiled = torch.compile(models[name])
+        forwards[f"{name} compiled"] = lambda batch, model=compiled: model(**batch).logits
+
+
+def compiled_report(times: dict[str, list[float]]) -> list[str]:
+    """Compiled vs eager of each model, and each compiled adapter vs the compiled unedited model."""
+    lines = ["\ncompiled vs eager (ratio of medians; < 1: compiled is faster)"]
+    for name in COMPILED:
+        compiled = statistics.median(times[f"{name} compiled"])
+        line = f"  {name:28s} compiled / eager {compiled / statistics.median(times[name]):.3f}"
+        if name != "unedited":
+            line += f"  compiled / unedited compiled {compiled / statistics.median(times['unedited compiled']):.3f}"
+        lines.append(line)
+    return lines
+
+
 def fraction_flagged(model, batch: dict) -> float:
     """Mean fraction of eligible tokens the probes flag (monitor mode: probes run, nothing edited)."""
     from hpr_peft.tuner.control import monitor
@@ -102,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd variants")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.batch < 1 or args.seq < 2:
         parser.error("--repeats and --batch must be >= 1, --seq >= 2")
@@ -109,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     forwards, models = build_variants(args.seed)
+    if args.compile:
+        add_compiled_variants(forwards, models)
     g = torch.Generator().manual_seed(args.seed)
     batch = {
         "input_ids": torch.randint(0, 49152, (args.batch, args.seq), generator=g),
@@ -154,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                 ok = ok and hit
                 line += f"  target <= {TARGETS[name]:.2f}: {'met' if hit else 'MISSED'}"
         print(line)
+    if args.compile:
+        print("\n".join(compiled_report(times)))
     return 0 if ok else 1
 
 

@@ -37,6 +37,7 @@ _LAZY_EXPORTS: dict[str, str] = {
     "AutoHPRModelForCausalLM": "hpr_peft.hub",
     "HubAccessError": "hpr_peft.hub",
     "save_adapter_atomic": "hpr_peft.hub",
+    "save_shareable_adapter": "hpr_peft.hub",
     "save_pairs_jsonl": "hpr_peft.data",
     "QA_PRIMER": "hpr_peft.data",
     "qa_prompt": "hpr_peft.data",

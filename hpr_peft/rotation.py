@@ -153,8 +153,9 @@ def _index_path(device: torch.device) -> bool:
 
     ``nonzero`` costs nothing extra on CPU and lets us touch only the rows that need work; on an
     accelerator it would force a host synchronisation, so there every row is computed and merged.
+    Under ``torch.compile`` its data-dependent shape would break the graph: every row is computed too.
     """
-    return device.type == "cpu"
+    return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _merge_rows(out: torch.Tensor, original: torch.Tensor, keep_original: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """``hpr-peft fit``: fit an HPR adapter from contrastive pairs and save it with its report.
 
-Writes into ``--output``: the adapter (``adapter_config.json`` + ``adapter_model.safetensors``,
-via ``save_pretrained``), ``report.json`` and ``probe_accuracy.png``. Works under
+Writes into ``--output``: the adapter (``adapter_config.json`` + ``adapter_model.safetensors``) with
+HPR's model card (``README.md``, :func:`hpr_peft.hub.save_shareable_adapter`; ``--only-selected-layers``
+keeps only the editors of the layers that edit), ``report.json`` and ``probe_accuracy.png``. Works under
 ``accelerate launch --num_processes N`` (collection is split across processes; rank 0 writes).
 """
 
@@ -79,6 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", required=True, help="Output folder (adapter, report.json, probe_accuracy.png)."
     )
+    parser.add_argument(
+        "--only-selected-layers",
+        action="store_true",
+        help="Save only the editors of the selected (editing) layers: a smaller adapter, same logits.",
+    )
     parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
 
 
@@ -109,6 +115,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from hpr_peft import HPRConfig
     from hpr_peft.fitting import fit_hpr
+    from hpr_peft.hub import save_shareable_adapter
     from hpr_peft.runtime.bundled_models import load_causal_lm
     from hpr_peft.runtime.model_io import ensure_distributed
 
@@ -149,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
     if rank == 0:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        peft_model.save_pretrained(str(out))
+        save_shareable_adapter(peft_model, out, only_selected_layers=args.only_selected_layers)
         report.to_json(out / "report.json")
         report.plot_probe_accuracy(out / "probe_accuracy.png")
         print(report)

@@ -40,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="JSON file of evaluation results for the card (default: DIR/eval_results.json)",
     )
     parser.add_argument("--no-create-repo", action="store_true", help="fail if the repo does not exist")
+    parser.add_argument(
+        "--only-selected-layers",
+        action="store_true",
+        help="upload only the editors of the selected (editing) layers: a smaller adapter, same logits",
+    )
     parser.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
 
 
@@ -58,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             base_model=args.base_model,
             eval_results=args.eval_results,
             endpoint=args.endpoint,
+            only_selected_layers=args.only_selected_layers,
         )
     except (HubAccessError, ValueError, TypeError, FileNotFoundError) as err:
         print(f"hpr-peft push: error: {err}", file=sys.stderr)

@@ -45,6 +45,7 @@ from hpr_peft.experiment.settings import JobSettings
 from hpr_peft.experiment.table import chance_levels, format_table
 from hpr_peft.fitting import AnswerCollector, PairActivations, fit_hpr
 from hpr_peft.fitting.selection import rank_layers
+from hpr_peft.hub.shareable import save_shareable_adapter
 from hpr_peft.runtime.blocks import find_decoder_stack
 from hpr_peft.runtime.bundled_models import load_model
 from hpr_peft.runtime.progress import progress_bar
@@ -368,7 +369,7 @@ def _save_adapter(model: Any, hpr_pick: dict[str, Any], directory: Path) -> None
     )
     tuner.set_selected_layers(hpr_pick["layers"])
     tuner.set_alpha(hpr_pick["alpha"])
-    model.save_pretrained(str(directory))
+    save_shareable_adapter(model, directory)  # with HPR's model card
     tuner.set_selected_layers(previous_layers)
     tuner.set_alpha(previous_alpha)
 

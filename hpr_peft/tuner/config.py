@@ -105,12 +105,21 @@ class HPRConfig(PeftConfig):
             generation mode; not equivalent between cached and uncached decoding).
         skip_sequence_start: never edit the first real token of a sequence (an attention sink whose
             rotation wrecks the model). Default True.
-        init_weights: True: identity until fitted (zero probe weight = no hyperplane = no edit;
-            logits identical to the base model). False: random but valid editors that edit a real
-            fraction of tokens with large angles (for tests and end-to-end training).
+        init_weights: True (default): an exact identity that trains. Each editor's angle is
+            ``alpha * g * f(h)`` with a gain ``g`` that starts at 0 (like LoRA's ``B = 0``): nothing
+            turns and the logits equal the base model's bit for bit, yet one backward pass gives ``g``
+            a gradient, and from the next step on the probe and the angle net learn too. The probe
+            starts as a real hyperplane that flags about half of the tokens (calibrated on the model's
+            own hidden states, whatever their common offset), so the gate has tokens on both sides.
+            While autograd records the adapter's weights the hard gate passes gradients straight
+            through (docs/math.md); inference keeps the hard gate. ``fit_hpr`` installs ``g = 1``.
+            False: random editors that really edit (``g = 1``, probes flagging about three quarters
+            of the tokens, angles around pi/2), for tests and end-to-end training.
         selected_layers: the subset of ``target_layers`` that edit; ``None`` means all targets.
             Unselected layers keep their weights (and can be switched on at run time).
         fit_results: JSON-able dict that travels with the adapter (per-layer metrics etc.).
+        layers_to_transform: PEFT's generic name for the blocks to edit (an index or a list), accepted so
+            that generic PEFT code can choose them; it becomes ``target_layers`` (give one of the two).
     """
 
     target_layers: list[int] | Literal["all"] = field(
@@ -142,6 +151,9 @@ class HPRConfig(PeftConfig):
     task_type: TaskType | str | None = field(
         default=TaskType.CAUSAL_LM, metadata={"help": "PEFT task type (HPR edits causal LMs)."}
     )
+    layers_to_transform: int | list[int] | None = field(
+        default=None, metadata={"help": "PEFT's name for the blocks to edit; becomes target_layers."}
+    )
 
     # HPR has no module-name targeting; peft's generic injection code reads this attribute.
     target_modules: ClassVar[None] = None
@@ -151,6 +163,7 @@ class HPRConfig(PeftConfig):
         self.peft_type = ensure_peft_type()
 
         self.target_layers = _layer_list("target_layers", self.target_layers, allow_all=True)
+        self._take_layers_to_transform()
 
         self.alpha = validate_alpha(self.alpha)
 
@@ -210,6 +223,20 @@ class HPRConfig(PeftConfig):
                     "fit_results must be JSON-serialisable (it is saved in adapter_config.json): convert "
                     f"tensors/arrays to lists and keys to str ({error})."
                 ) from error
+
+    def _take_layers_to_transform(self) -> None:
+        """Move PEFT's ``layers_to_transform`` into ``target_layers`` (an int means one block)."""
+        if self.layers_to_transform is None:
+            return
+        layers = self.layers_to_transform
+        layers = [layers] if _is_int(layers) else layers
+        layers = _layer_list("layers_to_transform", layers, allow_all=False)
+        if self.target_layers not in ("all", layers):
+            raise ValueError(
+                f"target_layers={self.target_layers} and layers_to_transform={self.layers_to_transform} disagree: "
+                "they name the same thing (the blocks to edit); give only target_layers."
+            )
+        self.target_layers, self.layers_to_transform = layers, None
 
     def resolved_target_layers(self, num_layers: int) -> list[int]:
         """Target block indices for a model with ``num_layers`` blocks (validates the range)."""

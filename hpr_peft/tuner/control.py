@@ -7,7 +7,7 @@ duration of a ``with`` block, without rebuilding anything, and restores the prev
 
 ``monitor(model)`` runs the probes *without editing* (the model then computes exactly the base
 model's outputs) and records, per edited block: how many eligible tokens there were, how many the
-probe flagged, the probe scores ``w·h`` of the eligible tokens and the predicted angles ``f(h)`` (radians,
+probe flagged, the probe scores ``w·h`` of the eligible tokens and the predicted angles ``g·f(h)`` (radians,
 before ``alpha``) of the flagged ones. Eligible tokens are real (non-padding) tokens the editor may
 touch: padding is never counted, nor the sequence start when ``skip_sequence_start`` is on, nor
 non-final positions with ``edit_positions="last"``. All layers holding the adapter are monitored,
@@ -89,7 +89,7 @@ class LayerRecord:
 
     @property
     def angles(self) -> torch.Tensor:
-        """Predicted angles ``f(h)`` in radians of the flagged tokens (before ``alpha``)."""
+        """Predicted angles ``g·f(h)`` (radians, before ``alpha``) of the flagged tokens."""
         return torch.cat(self._angles) if self._angles else torch.empty(0)
 
     def summary(self) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """HPRLayer: the PEFT tuner layer that wraps one decoder block and edits its output.
 
 Per adapter the layer owns a probe ``hpr_probe[adapter]`` (``nn.Linear(d, 1, bias=False)``, weight
-``w``) and an angle predictor ``hpr_angle[adapter]`` (:func:`build_angle_net`). For each eligible
-token with ``sigmoid(w·h) < threshold`` the block output ``h`` is pseudo-rotated by
-``theta = alpha * f(h)`` toward the positive side of the hyperplane ``w·x = 0`` (docs/math.md), in
-float32, and cast back.
+``w``), an angle predictor ``hpr_angle[adapter]`` (:func:`build_angle_net`) and a gain
+``hpr_gain[adapter]`` (:class:`AngleGain`, a scalar ``g``). For each eligible token with
+``sigmoid(w·h) < threshold`` the block output ``h`` is pseudo-rotated by ``theta = alpha * g * f(h)``
+toward the positive side of the hyperplane ``w·x = 0`` (docs/math.md), in float32, and cast back.
+Fitted editors have ``g = 1``.
 
 Where the edit runs: transformers 5 records ``output_hidden_states`` with forward hooks on the
 decoder-block *class* (``_can_record_outputs``), i.e. on the wrapped block, not on this wrapper. An
@@ -15,9 +16,15 @@ runs before any capture hook (also ones installed earlier) and everything downst
 only, keeping hooks outside) — sees the edited state. ``HPRLayer.forward`` only passes
 ``*args, **kwargs`` through.
 
-Identity: an all-zero probe weight has no hyperplane, and a layer whose probe is zero does not edit
-(``init_weights=True`` creates zero probes, so the model is bit-identical to the base model until an
-editor is installed with :meth:`HPRLayer.set_editor` or loaded from a checkpoint).
+Identity: ``init_weights=True`` starts with ``g = 0`` (like LoRA's ``B = 0``): no token turns, and a
+rotation by exactly 0 returns the token bit for bit, so the model equals the base model until the gain
+is trained, an editor is installed with :meth:`HPRLayer.set_editor` or one is loaded. The probe starts
+as a real hyperplane (flagging about half of the tokens, :mod:`hpr_peft.tuner.probe_init`), so one
+backward pass already gives ``g`` a gradient. When autograd records the adapter's weights the edit runs
+:func:`~hpr_peft.tuner.trainable_edit.straight_through_edit` (same values, gradients through the gate).
+
+Checkpoints saved before the gain existed have no ``hpr_gain`` entries; a load hook gives such editors
+``g = 1``, so they edit exactly as when they were saved.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from hpr_peft.rotation import apply_hpr, mask_from_logits, probe_logits, pseudo_
 from hpr_peft.runtime.hooks import HookSet
 from hpr_peft.runtime.positions import PositionContext, PositionTracker, context_from_inputs
 from hpr_peft.tuner.angle_net import build_angle_net, predict_angle
+from hpr_peft.tuner.trainable_edit import flag_probability, straight_through_edit
 
 
 def flag_tokens(scores: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -46,10 +54,19 @@ def flag_tokens(scores: torch.Tensor, threshold: float) -> torch.Tensor:
 MonitorCallback = Callable[["HPRLayer", str, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
+class AngleGain(nn.Module):
+    """The gain ``g`` of an editor's angle, ``θ = alpha · g · f(h)``: one learnable number (a module of
+    its own, so that any adapter name can key it, as for the probe and the angle net)."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(float(value)))
+
+
 class HPRLayer(nn.Module, BaseTunerLayer):
     """Wraps one decoder block; edits its output hidden states with the active adapters' editors."""
 
-    adapter_layer_names = ("hpr_probe", "hpr_angle")
+    adapter_layer_names = ("hpr_probe", "hpr_angle", "hpr_gain")
     other_param_names = (
         "hpr_alpha",
         "hpr_threshold",
@@ -74,6 +91,7 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         self.layer_index = int(layer_index)
         self.hpr_probe = nn.ModuleDict({})
         self.hpr_angle = nn.ModuleDict({})
+        self.hpr_gain = nn.ModuleDict({})
         self.hpr_alpha: dict[str, float] = {}
         self.hpr_threshold: dict[str, float] = {}
         self.hpr_edit_positions: dict[str, str] = {}
@@ -86,6 +104,7 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         # set by hpr_peft.tuner.control.monitor: record probe results instead of editing
         self.monitor_callback: MonitorCallback | None = None
         self._edit_hooks = HookSet()
+        self.register_load_state_dict_pre_hook(_full_gain_for_checkpoints_without_one)
         self.update_layer(adapter_name, config, selected=selected)
         self.attach_edit_hook()
 
@@ -97,20 +116,19 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         probe = nn.Linear(d, 1, bias=False)
         net = build_angle_net(d, config.angle_hidden_sizes)
         with torch.no_grad():
-            if config.init_weights:
-                # identity: a zero probe has no hyperplane, so nothing is edited until fitted
-                probe.weight.zero_()
-            else:
-                # random but valid: a random hyperplane through the origin flags a data-dependent
-                # share of the tokens (20-80 % on the tiny test models; hidden states with a large
-                # common mean can give all or none on a short input); the angle net starts around
-                # pi/2 (large angles) with some spread
-                probe.weight.normal_(0.0, 1.0 / math.sqrt(d))
+            # a random hyperplane through the origin; the tuner then tilts it so that it flags about
+            # half of the tokens whatever the hidden states' common offset (tuner.probe_init)
+            probe.weight.normal_(0.0, 1.0 / math.sqrt(d))
+            if not config.init_weights:
+                # random but valid editors: the angle net starts around pi/2 (large angles) with spread
                 last = net[-1]
                 last.weight.normal_(0.0, 2.0 / math.sqrt(last.in_features))
                 last.bias.uniform_(-0.5, 0.5)
+        # init_weights=True: g = 0 turns no token (identity) and still has a gradient, like LoRA's B = 0
+        gain = AngleGain(0.0 if config.init_weights else 1.0)
         self.hpr_probe[adapter_name] = probe
         self.hpr_angle[adapter_name] = net
+        self.hpr_gain[adapter_name] = gain
         self.hpr_alpha[adapter_name] = float(config.alpha)
         self.hpr_threshold[adapter_name] = float(config.threshold)
         self.hpr_edit_positions[adapter_name] = str(config.edit_positions)
@@ -129,9 +147,14 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         return None, None
 
     def set_editor(
-        self, adapter_name: str, probe_weight: torch.Tensor, angle_state_dict: dict[str, torch.Tensor]
+        self,
+        adapter_name: str,
+        probe_weight: torch.Tensor,
+        angle_state_dict: dict[str, torch.Tensor],
+        gain: float = 1.0,
     ) -> None:
-        """Install fitted weights: probe weight ``w`` (shape ``(d,)``) and the angle net's state dict.
+        """Install fitted weights: probe weight ``w`` (shape ``(d,)``), the angle net's state dict and the
+        gain ``g`` (default 1: the angle is the net's own, as fitted).
 
         Weights are copied into the existing parameters (their device and dtype are kept).
         """
@@ -148,10 +171,12 @@ class HPRLayer(nn.Module, BaseTunerLayer):
             )
         if not torch.isfinite(probe_weight).all():
             raise ValueError("probe_weight contains NaN or inf; refit the probe.")
+        if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not math.isfinite(gain):
+            raise ValueError(f"gain must be a finite number (1.0 for a fitted editor), got {gain!r}.")
         probe = self.hpr_probe[adapter_name]
         net = self.hpr_angle[adapter_name]
         device, _ = self._get_base_layer_device_and_dtype(self.get_base_layer())
-        for module in (probe, net):
+        for module in (probe, net, self.hpr_gain[adapter_name]):
             if any(p.device.type == "meta" for p in module.parameters()):
                 module.to_empty(device=device or torch.device("cpu"))
         expected = set(net.state_dict().keys())
@@ -162,6 +187,7 @@ class HPRLayer(nn.Module, BaseTunerLayer):
                 f"({sorted(expected)}); build it with build_angle_net(d, config.angle_hidden_sizes)."
             )
         with torch.no_grad():
+            self.hpr_gain[adapter_name].weight.fill_(float(gain))
             probe.weight[0].copy_(probe_weight.to(probe.weight.device, probe.weight.dtype))
             for name, tensor in net.state_dict().items():
                 source = torch.as_tensor(angle_state_dict[name])
@@ -173,9 +199,27 @@ class HPRLayer(nn.Module, BaseTunerLayer):
                 tensor.copy_(source.to(tensor.device, tensor.dtype))
 
     def is_identity(self, adapter_name: str) -> bool:
-        """True if the adapter's probe is all zero (not fitted: no edit)."""
+        """True if the adapter cannot edit: its gain is zero (``init_weights=True``, untrained) or its
+        probe is all zero (no hyperplane). Reads the weights (a host synchronisation): the edit itself
+        never calls it while gradients are recorded or under ``torch.compile``."""
         weight = self.hpr_probe[adapter_name].weight
-        return weight.device.type == "meta" or not bool(torch.count_nonzero(weight).item())
+        gain = self.hpr_gain[adapter_name].weight
+        if weight.device.type == "meta" or gain.device.type == "meta":
+            return True
+        return not bool(gain.item()) or not bool(torch.count_nonzero(weight).item())
+
+    def learned_angle(self, adapter_name: str, hidden: torch.Tensor) -> torch.Tensor:
+        """``g · f(h)`` in radians (float32, shape ``hidden.shape[:-1]``): the angle before ``alpha``."""
+        return self.hpr_gain[adapter_name].weight.float() * predict_angle(
+            self.hpr_angle[adapter_name], hidden
+        )
+
+    def records_gradients(self, adapter_name: str) -> bool:
+        """Whether autograd is recording this adapter's weights (training, or any backward pass)."""
+        if not torch.is_grad_enabled():
+            return False
+        modules = (self.hpr_gain[adapter_name], self.hpr_probe[adapter_name], self.hpr_angle[adapter_name])
+        return any(p.requires_grad for module in modules for p in module.parameters())
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise NotImplementedError(
@@ -236,11 +280,12 @@ class HPRLayer(nn.Module, BaseTunerLayer):
     ) -> torch.Tensor:
         """Edit ``hidden`` (batch, seq, d) with one adapter; untouched tokens stay bit-identical.
 
-        ``w·h`` is computed for every token first (O(d) each). On CPU the angle net and the rotation
-        then run only on the flagged tokens (gather / scatter); on accelerators every token is
-        computed and merged with ``torch.where`` (no host synchronisation). A zero probe (identity
-        init) edits nothing: on CPU it is skipped, elsewhere the rotation returns such tokens
-        unchanged bit for bit.
+        ``w·h`` is computed for every token first (O(d) each). Eager on CPU, the angle net and the
+        rotation then run only on the flagged tokens (gather / scatter), and an editor that cannot
+        edit (:meth:`is_identity`) is skipped; on accelerators and under ``torch.compile`` every token
+        is computed and merged with ``torch.where`` (no host synchronisation, no graph break). A token
+        whose angle is exactly 0 (``g = 0``) is returned bit for bit. While autograd records the
+        adapter's weights the edit runs :func:`straight_through_edit` (same values).
         """
         monitoring = self.monitor_callback is not None
         if not monitoring and (not self.hpr_selected[adapter_name] or self.hpr_alpha[adapter_name] == 0.0):
@@ -248,28 +293,50 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         probe_weight = self.hpr_probe[adapter_name].weight[0]
         if probe_weight.device.type == "meta":
             return hidden  # not loaded yet (low_cpu_mem_usage)
-        on_cpu = hidden.device.type == "cpu"
-        if (on_cpu or monitoring) and self.is_identity(adapter_name):
+        training = not monitoring and self.records_gradients(adapter_name)
+        dense = training or hidden.device.type != "cpu" or torch.compiler.is_compiling()
+        if (monitoring or not dense) and self.is_identity(adapter_name):
             return hidden
         probe_weight = probe_weight.to(hidden.device)
-        net = self.hpr_angle[adapter_name]
         eligible = self.eligible_positions(adapter_name, context)
         scores = probe_logits(hidden, probe_weight)
-        flagged = eligible & flag_tokens(scores, self.hpr_threshold[adapter_name])
+        threshold = self.hpr_threshold[adapter_name]
+        flagged = eligible & flag_tokens(scores, threshold)
         if monitoring:
             with torch.no_grad():
-                angles = predict_angle(net, hidden[flagged])
+                angles = self.learned_angle(adapter_name, hidden[flagged])
                 self.monitor_callback(self, adapter_name, scores[eligible], flagged[eligible], angles)
             return hidden
         alpha = self.hpr_alpha[adapter_name]
-        if not on_cpu:
-            return apply_hpr(hidden, probe_weight, alpha * predict_angle(net, hidden), flagged)
+        if dense:
+            theta = alpha * self.learned_angle(adapter_name, hidden)
+            if training:
+                probability = flag_probability(scores, threshold)
+                return straight_through_edit(hidden, probe_weight, theta, flagged, eligible, probability)
+            return apply_hpr(hidden, probe_weight, theta, flagged & (theta != 0))
         index = flagged.nonzero(as_tuple=True)
         if index[0].numel() == 0:
             return hidden
         selected = hidden[index]  # (n, d)
-        rotated = pseudo_rotate(selected, probe_weight, alpha * predict_angle(net, selected))
+        rotated = pseudo_rotate(selected, probe_weight, alpha * self.learned_angle(adapter_name, selected))
         return hidden.index_put(index, rotated)
 
     def __repr__(self) -> str:
         return f"hpr.{super().__repr__()}"
+
+
+def _full_gain_for_checkpoints_without_one(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict,
+    strict: bool,
+    missing_keys: list,
+    unexpected_keys: list,
+    error_msgs: list,
+) -> None:
+    """Load hook: an editor saved without a gain (hpr_peft 0.1) gets ``g = 1``, so it edits as saved."""
+    for adapter_name in module.hpr_probe:
+        gain_key = f"{prefix}hpr_gain.{adapter_name}.weight"
+        if f"{prefix}hpr_probe.{adapter_name}.weight" in state_dict and gain_key not in state_dict:
+            state_dict[gain_key] = torch.ones(())

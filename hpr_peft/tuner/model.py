@@ -12,9 +12,11 @@ name). Merging is impossible (the edit depends on the input) and raises ``NotImp
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
@@ -22,11 +24,19 @@ from hpr_peft.runtime.blocks import DecoderStack, decoder_layer_index, find_deco
 from hpr_peft.runtime.positions import PositionTracker
 from hpr_peft.tuner.config import HPRConfig, validate_alpha, validate_layer_choice
 from hpr_peft.tuner.layer import HPRLayer
+from hpr_peft.tuner.probe_init import balanced_probe, calibration_states, starting_share
 
 _MERGE_ERROR = (
     "HPR cannot be merged into the base weights: the edit depends on the input (the probe decides per token "
     "whether to rotate, the angle net how far), so there is no static weight delta. Keep the PeftModel for "
     "edited inference, or call unload() to get the untouched base model back."
+)
+WEIGHTED_ADAPTER_ERROR = (
+    "HPR adapters cannot be combined into a weighted adapter: an editor is a hyperplane (the probe) that "
+    "decides which tokens turn and a network that decides how far, so a weighted sum of two probes is a "
+    "different hyperplane, not a blend of the two edits. Activate several HPR adapters at once instead "
+    "(model.base_model.set_adapter(['a', 'b']) applies them one after the other), or scale one adapter's "
+    "strength with hpr_peft.edit_settings(model, alpha=...)."
 )
 _ADAPTER_CONTAINERS = ("hpr_probe", "hpr_angle")
 
@@ -66,7 +76,35 @@ class HPRModel(BaseTuner):
         stack = find_decoder_stack(model)
         config.resolved_selected_layers(len(stack))  # validates target/selected ranges early
         self._hpr_stack = stack  # reused while matching modules (the ModuleList object stays the same)
+        samples = self._calibration_sample(model, stack, config, kwargs.get("low_cpu_mem_usage", False))
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        share = starting_share(config.init_weights)
+        for index, layer in self.hpr_layers(adapter_name).items():
+            weight = layer.hpr_probe[adapter_name].weight
+            if index in samples and weight.device.type != "meta":
+                with torch.no_grad():
+                    weight[0].copy_(balanced_probe(weight[0], samples[index], share))
+
+    def _calibration_sample(
+        self, model: nn.Module, stack: DecoderStack, config: HPRConfig, low_cpu_mem_usage: bool
+    ) -> dict[int, torch.Tensor]:
+        """Hidden states of the targeted blocks on random ids, to start the probes from
+        (:mod:`hpr_peft.tuner.probe_init`). Skipped when weights are about to be loaded (inference-mode
+        configs, as ``PeftModel.from_pretrained`` makes them; ``low_cpu_mem_usage``) or cannot run."""
+        if config.inference_mode or low_cpu_mem_usage:
+            return {}
+        if any(p.device.type == "meta" for p in model.parameters()):
+            return {}
+        blocks = {i: stack.layers[i] for i in config.resolved_target_layers(len(stack))}
+        try:
+            return calibration_states(model, blocks)
+        except Exception as error:  # any model failure: the adapter is still valid, only less balanced
+            warnings.warn(
+                f"HPR could not run its calibration forward pass ({type(error).__name__}: {error}); the probes "
+                "start as random directions, which may flag all or none of the tokens of an input.",
+                stacklevel=3,
+            )
+            return {}
 
     def _prepare_adapter_config(self, peft_config: Any, model_config: dict) -> Any:
         return peft_config  # targets are decoder-block indices, resolved structurally
@@ -135,6 +173,10 @@ class HPRModel(BaseTuner):
     ) -> nn.Module:
         """Not possible for HPR (input-dependent edit): raises ``NotImplementedError``. Use ``unload()``."""
         raise NotImplementedError(_MERGE_ERROR)
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Not possible for HPR: raises ``NotImplementedError`` (see :data:`WEIGHTED_ADAPTER_ERROR`)."""
+        raise NotImplementedError(WEIGHTED_ADAPTER_ERROR)
 
     def _unload_and_optionally_merge(
         self,
@@ -227,4 +269,4 @@ def hpr_tuner(model: Any) -> HPRModel:
     )
 
 
-__all__ = ["HPRModel", "hpr_tuner"]
+__all__ = ["WEIGHTED_ADAPTER_ERROR", "HPRModel", "hpr_tuner"]

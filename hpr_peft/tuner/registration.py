@@ -2,16 +2,28 @@
 
 ``register_peft_method`` only accepts names that are already members of ``PeftType``, and configs are
 looked up by ``PeftType`` when ``adapter_config.json`` is loaded, so the enum gets an ``HPR`` member
-first. Both steps are idempotent; importing :mod:`hpr_peft.tuner` (and so ``import hpr_peft``) runs them.
+first. peft's mixed-adapter model (``PeftMixedModel``) cannot host HPR (it dispatches to the tuners built
+into peft only); its compatibility check is wrapped so that it says why, and what to do instead
+(:data:`MIXED_MODEL_ERROR`). All steps are idempotent; importing :mod:`hpr_peft.tuner` (and so
+``import hpr_peft``) runs them.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from peft.utils import PeftType
 
-__all__ = ["PEFT_TYPE_NAME", "ensure_peft_type", "register_hpr"]
+__all__ = ["MIXED_MODEL_ERROR", "PEFT_TYPE_NAME", "ensure_peft_type", "register_hpr"]
 
 PEFT_TYPE_NAME = "HPR"
+MIXED_MODEL_ERROR = (
+    "HPR cannot be part of a PeftMixedModel: peft's mixed model combines only the tuners built into peft "
+    "that wrap linear layers (LoRA, LoHa, LoKr, AdaLoRA, OFT, SHiRA) and cannot host a registered method "
+    "that wraps whole decoder blocks. To edit a LoRA fine-tune with HPR, merge the LoRA into the base "
+    "weights first: base = PeftModel.from_pretrained(base, lora_dir).merge_and_unload(), then "
+    "get_peft_model(base, HPRConfig(...))."
+)
 
 
 def ensure_peft_type() -> PeftType:
@@ -54,6 +66,7 @@ def register_hpr() -> None:
     from hpr_peft.tuner.model import HPRModel
 
     peft_type = ensure_peft_type()
+    _explain_mixed_model_refusal()
     registered = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
     if registered is not None:
         if not _same_class(registered, HPRModel):
@@ -68,6 +81,24 @@ def register_hpr() -> None:
         PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = HPRModel.prefix
         return
     register_peft_method(name="hpr", config_cls=HPRConfig, model_cls=HPRModel, prefix=HPRModel.prefix)
+
+
+def _explain_mixed_model_refusal() -> None:
+    """Make peft's ``PeftMixedModel`` refuse HPR with :data:`MIXED_MODEL_ERROR` (its own message only
+    lists the compatible types); other configs go through peft's check unchanged."""
+    import peft.mixed_model as mixed_model
+
+    check = mixed_model._check_config_compatible
+    if getattr(check, "explains_hpr", False):
+        return
+
+    def check_config_compatible(peft_config: Any) -> None:
+        if str(getattr(peft_config, "peft_type", "")).rsplit(".", 1)[-1] == PEFT_TYPE_NAME:
+            raise ValueError(MIXED_MODEL_ERROR)
+        check(peft_config)
+
+    check_config_compatible.explains_hpr = True  # type: ignore[attr-defined]
+    mixed_model._check_config_compatible = check_config_compatible
 
 
 def _same_class(a: type, b: type) -> bool:

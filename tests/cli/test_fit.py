@@ -106,3 +106,24 @@ def test_fit_cli_errors(tiny_dir, tmp_path, capsys):
         run_fit(["--model", str(tiny_dir), "--data", str(data), "--layers", "a,b", "--output", out])
     with pytest.raises(SystemExit):
         run_fit(["--model", str(tiny_dir), "--data", str(data), "--angle-target", "cap", "--output", out])
+
+
+def test_fit_cli_writes_hpr_card_and_can_keep_only_the_selected_layers(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    argv = ["--model", str(tiny_dir), "--data", str(data), "--layers", "all", "--top-k", "1"]
+    argv += ["--epochs", "1", "--max-pairs", "16", "--no-progress"]
+    assert run_fit([*argv, "--output", str(tmp_path / "full")]) == 0
+    assert run_fit([*argv, "--output", str(tmp_path / "small"), "--only-selected-layers"]) == 0
+    card = (tmp_path / "full" / "README.md").read_text()
+    assert (
+        card.startswith("---\n") and "Householder Pseudo-Rotation" in card and "More Information" not in card
+    )
+    full = json.loads((tmp_path / "full" / "adapter_config.json").read_text())
+    small = json.loads((tmp_path / "small" / "adapter_config.json").read_text())
+    assert full["target_layers"] == "all" and len(full["selected_layers"]) == 1
+    assert small["target_layers"] == full["selected_layers"] and small["selected_layers"] is None
+    weights = load_file(tmp_path / "small" / "adapter_model.safetensors")
+    assert {key.split(".hpr_")[0].rsplit(".", 1)[1] for key in weights} == {str(full["selected_layers"][0])}
+    assert "holds the editors of layers" in (tmp_path / "small" / "README.md").read_text()

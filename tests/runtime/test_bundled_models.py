@@ -24,3 +24,17 @@ def test_load_model_dispatches_by_name(monkeypatch, name, loader):
         )
     assert bundled_models.load_model(name) == ("model", "tok")
     assert calls == [(loader, name)]
+
+
+@pytest.mark.slow
+def test_the_bundled_smollm2_is_a_plain_trainable_model_named_by_its_hub_id(smollm2):
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    model, _ = smollm2
+    assert model.name_or_path == model.config._name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    source = bundled_models.weights_source(model)
+    assert source["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and source["quantisation"] == "Q4_1"
+    assert source["gguf_file"].endswith(".gguf") and source["dequantised_to"] == "float32"
+    assert not model.is_quantized and model.hf_quantizer is None  # dequantised: plain float32 weights
+    assert not hasattr(model.config, "quantization_config")
+    validate_quantization_for_training(model)  # what Trainer checks first: no "GGUF cannot train"

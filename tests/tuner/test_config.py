@@ -134,3 +134,14 @@ def test_registration_refuses_a_foreign_hpr_tuner(monkeypatch):
     monkeypatch.setitem(PEFT_TYPE_TO_TUNER_MAPPING, PeftType.HPR, OtherHPRModel)
     with pytest.raises(RuntimeError, match=r"already registers the PEFT type 'HPR'.*OtherHPRModel"):
         register_hpr()
+
+
+def test_peft_layers_to_transform_becomes_target_layers():
+    assert HPRConfig(layers_to_transform=[3, 1]).target_layers == [1, 3]
+    config = HPRConfig(layers_to_transform=2)
+    assert config.target_layers == [2] and config.layers_to_transform is None
+    assert HPRConfig(target_layers=[1, 3], layers_to_transform=[3, 1]).target_layers == [1, 3]
+    with pytest.raises(ValueError, match=r"disagree.*give only target_layers"):
+        HPRConfig(target_layers=[1], layers_to_transform=[2])
+    with pytest.raises(ValueError, match="layers_to_transform must contain only non-negative"):
+        HPRConfig(layers_to_transform=[-1])

@@ -22,6 +22,7 @@ def _expected_keys(layers, prefix="base_model.model.model.layers"):
         "hpr_angle.0.bias",
         "hpr_angle.2.weight",
         "hpr_angle.2.bias",
+        "hpr_gain.weight",
     ]
     return {f"{prefix}.{i}.{name}" for i in layers for name in names}
 
@@ -125,7 +126,7 @@ def test_add_set_delete_adapters():
 def test_print_trainable_parameters(capsys):
     model = random_hpr_model("llama", target_layers=[0, 1, 3])
     d, hidden = 32, 16
-    per_layer = d + (d * hidden + hidden) + (hidden + 1)
+    per_layer = d + (d * hidden + hidden) + (hidden + 1) + 1  # probe, angle net, gain
     trainable, _ = model.get_nb_trainable_parameters()
     assert trainable == 3 * per_layer
     model.print_trainable_parameters()
@@ -177,7 +178,7 @@ def test_training_step_gives_grads_to_every_trainable_parameter(checkpointing):
         model.enable_input_require_grads()
     grads = _grads_after_step(model, ids)
     assert set(grads) == set(reference)
-    assert len(grads) == 2 * 5  # probe + 2 Linear (weight, bias) per layer
+    assert len(grads) == 2 * 6  # probe + 2 Linear (weight, bias) + gain per layer
     for name, grad in grads.items():
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
         torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-6)

@@ -2,7 +2,8 @@
 
 Like PEFT's own ``tests/test_custom_models.py``: ``TEST_CASES`` lists (name, architecture, config) and
 every test method of :class:`TestHPRTuner` runs on each case. Configs with random editors
-(``init_weights=False``) really edit; the identity config must not.
+(``init_weights=False``) really edit; the identity config must not, yet every config trains (one
+backward pass reaches every adapter weight).
 """
 
 from __future__ import annotations
@@ -100,11 +101,51 @@ class TestHPRTuner:
         first = _targets(config)[0]
         fraction = edited_fraction(model, ids, layer=first)
         if config.get("edit_positions") == "last":
-            assert fraction <= 1 / 12 + 1e-6  # at most the last position of the call
-        elif name.endswith("-random"):
+            assert 0 < fraction <= 1 / 12 + 1e-6  # the last position of the call, in at least one row
+        elif config.get("skip_sequence_start", True):
             assert 0.2 <= fraction <= 11 / 12 + 1e-6  # the sequence start (1 of 12 per row) is never edited
         else:
-            assert 0 < fraction <= 1.0
+            assert 0.2 <= fraction <= 1.0
+
+    def test_probes_start_flagging_a_real_share_of_tokens(self, name, arch, config):
+        _, twin, model = _build(arch, config)
+        ids = token_ids(batch=8, seq=33, seed=12)
+        with torch.no_grad():
+            states = twin(ids, output_hidden_states=True).hidden_states
+        for index, layer in model.base_model.hpr_layers().items():
+            probe = layer.hpr_probe["default"].weight[0]
+            scores = states[index + 1][:, 1:] @ probe
+            flagged = (torch.sigmoid(scores) < config.get("threshold", 0.5)).float().mean()
+            if config.get("init_weights", True):
+                assert 0.2 <= flagged <= 0.85, (index, flagged)  # undecided: about half
+            elif "threshold" not in config:
+                assert 0.5 <= flagged <= 0.95, (index, flagged)  # random editors: most, not all
+            else:
+                assert flagged >= 0.5, (index, flagged)  # a higher threshold flags more
+
+    def test_one_backward_pass_reaches_every_adapter_weight(self, name, arch, config):
+        _, _, model = _build(arch, config)
+        model.train()
+        ids, targets = token_ids(batch=2, seq=16, seed=13), token_ids(batch=2, seq=16, seed=15)
+        logits = model(ids).logits  # a next-token loss at every position (also the last one)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all("hpr_" in n for n in trainable)
+        for n, p in trainable.items():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+        gains = [p.grad for n, p in trainable.items() if "hpr_gain" in n]
+        assert len(gains) == len(_targets(config)) and any(g != 0 for g in gains)
+
+    def test_recording_gradients_does_not_change_the_output(self, name, arch, config):
+        _, _, model = _build(arch, config)
+        ids = token_ids(seed=14)
+        with torch.no_grad():
+            inference = model(ids).logits
+        recorded = model(ids).logits  # the straight-through path: same values, with a graph
+        assert recorded.requires_grad
+        torch.testing.assert_close(recorded.detach(), inference, rtol=1e-6, atol=1e-6)
+        if config.get("init_weights", True):
+            assert torch.equal(recorded.detach(), inference)
 
     def test_disable_adapter_gives_the_base_model_bit_for_bit(self, name, arch, config):
         _, twin, model = _build(arch, config)
@@ -182,7 +223,9 @@ class TestHPRTuner:
             expected = model(ids).logits
         model.save_pretrained(tmp_path)
         tensors = load_file(tmp_path / "adapter_model.safetensors")
-        assert tensors and all(".hpr_probe." in key or ".hpr_angle." in key for key in tensors)
+        assert tensors and all(
+            ".hpr_probe." in key or ".hpr_angle." in key or ".hpr_gain." in key for key in tensors
+        )
         assert {int(key.split(".hpr_")[0].rsplit(".", 1)[1]) for key in tensors} == set(_targets(config))
         loaded = PeftModel.from_pretrained(make_tiny_causal_lm(arch), tmp_path).eval()
         with torch.no_grad():
