@@ -23,7 +23,6 @@ editor is installed with :meth:`HPRLayer.set_editor` or loaded from a checkpoint
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,16 +33,13 @@ from hpr_peft.rotation import apply_hpr, mask_from_logits, probe_logits, pseudo_
 from hpr_peft.runtime.hooks import HookSet
 from hpr_peft.runtime.positions import PositionContext, PositionTracker, context_from_inputs
 from hpr_peft.tuner.angle_net import build_angle_net, predict_angle
+from hpr_peft.tuner.run_scope import current_scope, effective_settings, monitors_of
 
 
 def flag_tokens(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """Tokens the probe calls negative from scores ``w·h``: ``sigmoid(w·h) < threshold``; at the
     default 0.5 ``w·h = 0`` counts as negative. Same rule as ``rotation.edit_mask``."""
     return mask_from_logits(scores, threshold)
-
-
-# (layer, adapter, scores of eligible tokens, flagged mask over them, angles of flagged tokens)
-MonitorCallback = Callable[["HPRLayer", str, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class HPRLayer(nn.Module, BaseTunerLayer):
@@ -83,8 +79,6 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
         self.tracker = tracker
-        # set by hpr_peft.tuner.control.monitor: record probe results instead of editing
-        self.monitor_callback: MonitorCallback | None = None
         self._edit_hooks = HookSet()
         self.update_layer(adapter_name, config, selected=selected)
         self.attach_edit_hook()
@@ -242,8 +236,11 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         init) edits nothing: on CPU it is skipped, elsewhere the rotation returns such tokens
         unchanged bit for bit.
         """
-        monitoring = self.monitor_callback is not None
-        if not monitoring and (not self.hpr_selected[adapter_name] or self.hpr_alpha[adapter_name] == 0.0):
+        scope = current_scope()  # edit_settings / monitor of this thread (hpr_peft.tuner.run_scope)
+        alpha, selected = effective_settings(self, adapter_name, scope)
+        monitors = monitors_of(self, adapter_name, scope)
+        monitoring = bool(monitors)
+        if not monitoring and (not selected or alpha == 0.0):
             return hidden
         probe_weight = self.hpr_probe[adapter_name].weight[0]
         if probe_weight.device.type == "meta":
@@ -259,9 +256,9 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         if monitoring:
             with torch.no_grad():
                 angles = predict_angle(net, hidden[flagged])
-                self.monitor_callback(self, adapter_name, scores[eligible], flagged[eligible], angles)
+                for watcher in monitors:
+                    watcher.record(self, scores[eligible], flagged[eligible], angles)
             return hidden
-        alpha = self.hpr_alpha[adapter_name]
         if not on_cpu:
             return apply_hpr(hidden, probe_weight, alpha * predict_angle(net, hidden), flagged)
         index = flagged.nonzero(as_tuple=True)
