@@ -1,7 +1,8 @@
 """``hpr-peft fit``: fit an HPR adapter from contrastive pairs and save it with its report.
 
 Writes into ``--output``: the adapter (``adapter_config.json`` + ``adapter_model.safetensors``,
-via ``save_pretrained``), ``report.json`` and ``probe_accuracy.png``. Works under
+via ``save_adapter_atomic``), ``report.json`` and ``probe_accuracy.png``, each atomically; ``--output``
+is checked before the model is loaded. Works under
 ``accelerate launch --num_processes N`` (collection is split across processes; rank 0 writes).
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from hpr_peft.cli.errors import one_line
 
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
@@ -95,11 +98,26 @@ def _load_pairs(args: argparse.Namespace):
     return data.load_pairs_jsonl(path)
 
 
+def _write_report(report, folder: Path) -> None:
+    """The report files, written into the new adapter folder so that they change together with it."""
+    report.to_json(folder / "report.json")
+    report.plot_probe_accuracy(folder / "probe_accuracy.png")
+
+
+def _check_output_and_selection(args: argparse.Namespace) -> None:
+    """Fail at once, not after the fit, on an unusable ``--output`` or selection option."""
+    from hpr_peft.fitting.selection import check_selection
+    from hpr_peft.runtime.atomic_files import check_output_path
+
+    check_output_path(args.output, "directory")
+    check_selection(args.top_k or None, args.min_accuracy)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"hpr-peft fit: error: {error}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"hpr-peft fit: error: {one_line(error)}", file=sys.stderr)
         return 2
 
 
@@ -109,6 +127,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from hpr_peft import HPRConfig
     from hpr_peft.fitting import fit_hpr
+    from hpr_peft.hub import save_adapter_atomic
     from hpr_peft.runtime.bundled_models import load_causal_lm
     from hpr_peft.runtime.model_io import ensure_distributed
 
@@ -118,6 +137,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--top-k must be a positive int (or 0 together with --min-accuracy), got {args.top_k}."
         )
+    _check_output_and_selection(args)
     pairs = _load_pairs(args)
     if args.max_pairs is not None:
         pairs = pairs[: args.max_pairs]
@@ -148,10 +168,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     if rank == 0:
         out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        peft_model.save_pretrained(str(out))
-        report.to_json(out / "report.json")
-        report.plot_probe_accuracy(out / "probe_accuracy.png")
+        save_adapter_atomic(peft_model, out, add_files=lambda folder: _write_report(report, folder))
         print(report)
         print(f"saved adapter, report.json and probe_accuracy.png to {out}")
     return 0

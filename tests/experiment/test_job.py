@@ -93,5 +93,6 @@ def test_quick_job_end_to_end(smollm2, truthfulqa_dir, tmp_path):
     for name in ("results.md", "pareto_mc2_kl.png", "probe_accuracy.png", "hpr_monitor.png"):
         assert (out / name).is_file(), name
     assert (out / "adapter" / "adapter_config.json").is_file()
+    assert [p.name for p in out.rglob(".*")] == []  # every write went through a temporary file, none is left
     assert not hasattr(model, "peft_config")  # the passed model was restored
     assert isinstance(model.model.layers[0], torch.nn.Module)
