@@ -19,7 +19,9 @@ Scope: both act on the current thread (context) only, never on other threads usi
 and they nest: settings of an inner block override an outer one until it exits; blocks exited in any
 order leave exactly the remaining blocks in force (see :mod:`hpr_peft.tuner.run_scope`, which also
 shows how to carry them into a thread started inside the block). Nested monitors all record the same
-tokens. The persistent setters are process-wide.
+tokens. The persistent setters are process-wide, and so is peft's ``disable_adapter()`` (it flips a
+flag on every layer); to switch editing off for one thread only, use ``edit_settings(model, layers=[])``,
+which gives the base model's outputs bit for bit.
 """
 
 from __future__ import annotations
