@@ -1,4 +1,8 @@
-"""``hpr-peft eval``: TruthfulQA MC1/MC2 of a model (optionally with an HPR adapter) with side effects."""
+"""``hpr-peft eval``: TruthfulQA MC1/MC2 of a model (optionally with an HPR adapter) with side effects.
+
+The adapter loads through :func:`hpr_peft.load_adapter` (safetensors only, validated); ``--alpha``,
+the question ids and ``--output`` are checked before the model is loaded.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ def _read_ids(path: str) -> list[str]:
         raise FileNotFoundError(
             f"--questions {path}: no such file; give a file of question ids (tqa-0000 ...)."
         )
-    text = file.read_text().strip()
+    text = file.read_text(encoding="utf-8-sig").strip()
     if text.startswith("["):
         ids = json.loads(text)
     else:
@@ -45,6 +49,34 @@ def _read_ids(path: str) -> list[str]:
     return [str(x) for x in ids]
 
 
+def _check_before_loading(args: argparse.Namespace) -> tuple[float | None, list[str] | None]:
+    """``(alpha, question ids)`` checked, and ``--output`` checked writable, before any slow work."""
+    from hpr_peft.data import load_truthfulqa_mc
+    from hpr_peft.runtime.atomic_files import check_output_path
+    from hpr_peft.tuner.config import validate_alpha
+
+    check_output_path(Path(args.output) / "eval.json", "file")
+    if args.alpha is not None and not args.adapter:
+        raise ValueError("--alpha sets the strength of an adapter: pass --adapter DIR as well.")
+    if args.adapter:
+        from hpr_peft.hub.adapter_files import check_hpr_peft_type
+        from hpr_peft.hub.load import fetch_adapter
+
+        folder, config = fetch_adapter(args.adapter)
+        check_hpr_peft_type(config, folder, args.adapter)
+    alpha = None if args.alpha is None else validate_alpha(args.alpha)
+    question_ids = _read_ids(args.questions) if args.questions else None
+    if question_ids is not None:
+        known = {q.question_id for q in load_truthfulqa_mc(args.truthfulqa_dir)}
+        unknown = [q for q in question_ids if q not in known]
+        if unknown:
+            raise ValueError(
+                f"--questions {args.questions}: {len(unknown)} id(s) are not TruthfulQA question ids, e.g. "
+                f"{unknown[:3]}; ids look like {sorted(known)[0]!r}."
+            )
+    return alpha, question_ids
+
+
 def run(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -52,22 +84,21 @@ def run(args: argparse.Namespace) -> int:
 
     import hpr_peft  # noqa: F401  (registers the PEFT type)
     from hpr_peft.evaluation import evaluate_truthfulqa
+    from hpr_peft.runtime.atomic_files import write_text_atomic
     from hpr_peft.runtime.bundled_models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    question_ids = _read_ids(args.questions) if args.questions else None
+    alpha, question_ids = _check_before_loading(args)
     model, tokenizer = load_model(args.model)
     context = None
     if args.adapter:
-        from peft import PeftModel
+        from hpr_peft.hub import load_adapter
 
-        model = PeftModel.from_pretrained(model, args.adapter)
+        model = load_adapter(model, args.adapter)
         model.eval()
-        if args.alpha is not None:
+        if alpha is not None:
             from hpr_peft.tuner.control import edit_settings
-
-            alpha = args.alpha
 
             def context() -> contextlib.AbstractContextManager:
                 return edit_settings(model, alpha=alpha)
@@ -83,9 +114,7 @@ def run(args: argparse.Namespace) -> int:
     )
     result["model"] = args.model
     result["adapter"] = args.adapter
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    write_text_atomic(Path(args.output) / "eval.json", json.dumps(result, indent=1))
     tq = result["truthfulqa"]
     line = f"MC1 {100 * tq['mc1']:.1f} ± {100 * tq['mc1_se']:.1f} %  MC2 {100 * tq['mc2']:.1f} ± {100 * tq['mc2_se']:.1f} %"
     if "side_effects" in result:

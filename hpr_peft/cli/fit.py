@@ -1,8 +1,9 @@
 """``hpr-peft fit``: fit an HPR adapter from contrastive pairs and save it with its report.
 
-Writes into ``--output``: the adapter (``adapter_config.json`` + ``adapter_model.safetensors``) with
-HPR's model card (``README.md``, :func:`hpr_peft.hub.save_shareable_adapter`; ``--only-selected-layers``
-keeps only the editors of the layers that edit), ``report.json`` and ``probe_accuracy.png``. Works under
+Writes into ``--output``, atomically: the adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
+with HPR's model card (``README.md``, :func:`hpr_peft.hub.save_shareable_adapter`; ``--only-selected-layers``
+keeps only the editors of the layers that edit), ``report.json`` and ``probe_accuracy.png``; ``--output``
+is checked before the model is loaded. Works under
 ``accelerate launch --num_processes N`` (collection is split across processes; rank 0 writes).
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from hpr_peft.cli.errors import one_line
 
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
@@ -101,11 +104,26 @@ def _load_pairs(args: argparse.Namespace):
     return data.load_pairs_jsonl(path)
 
 
+def _write_report(report, folder: Path) -> None:
+    """The report files, written into the new adapter folder so that they change together with it."""
+    report.to_json(folder / "report.json")
+    report.plot_probe_accuracy(folder / "probe_accuracy.png")
+
+
+def _check_output_and_selection(args: argparse.Namespace) -> None:
+    """Fail at once, not after the fit, on an unusable ``--output`` or selection option."""
+    from hpr_peft.fitting.selection import check_selection
+    from hpr_peft.runtime.atomic_files import check_output_path
+
+    check_output_path(args.output, "directory")
+    check_selection(args.top_k or None, args.min_accuracy)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"hpr-peft fit: error: {error}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"hpr-peft fit: error: {one_line(error)}", file=sys.stderr)
         return 2
 
 
@@ -125,6 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--top-k must be a positive int (or 0 together with --min-accuracy), got {args.top_k}."
         )
+    _check_output_and_selection(args)
     pairs = _load_pairs(args)
     if args.max_pairs is not None:
         pairs = pairs[: args.max_pairs]
@@ -155,10 +174,12 @@ def _run(args: argparse.Namespace) -> int:
     )
     if rank == 0:
         out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        save_shareable_adapter(peft_model, out, only_selected_layers=args.only_selected_layers)
-        report.to_json(out / "report.json")
-        report.plot_probe_accuracy(out / "probe_accuracy.png")
+        save_shareable_adapter(
+            peft_model,
+            out,
+            only_selected_layers=args.only_selected_layers,
+            add_files=lambda folder: _write_report(report, folder),
+        )
         print(report)
         print(f"saved adapter, report.json and probe_accuracy.png to {out}")
     return 0

@@ -67,6 +67,6 @@ def run(args: argparse.Namespace) -> int:
         )
     except (HubAccessError, ValueError, TypeError, FileNotFoundError) as err:
         print(f"hpr-peft push: error: {err}", file=sys.stderr)
-        return 1
+        return 2
     print(f"pushed {args.directory} to {args.repo_id} (commit {info.oid}): {info.commit_url}")
     return 0

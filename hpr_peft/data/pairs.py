@@ -91,6 +91,28 @@ def _group_of(record: dict, where: str) -> str:
     return group
 
 
+class _GroupSpellings:
+    """Refuses a file that writes one group both as a number and as a string (``1`` and ``"1"``):
+    groups are compared as text, so the two would silently become one group."""
+
+    def __init__(self) -> None:
+        self._first: dict[str, tuple[Any, str]] = {}
+
+    def check(self, record: dict, group: str, where: str) -> None:
+        value = record["group"]
+        first, first_where = self._first.setdefault(group, (value, where))
+        if type(first) is not type(value):
+            raise ValueError(
+                f"{where}: group {value!r} ({_kind(value)}) and group {first!r} at {first_where} "
+                f"({_kind(first)}) would silently be one group: write every group the same way (all strings "
+                "or all numbers), or give different groups different names."
+            )
+
+
+def _kind(value: Any) -> str:
+    return "a number" if isinstance(value, int) else "a string"
+
+
 def _pair_from_record(record: Any, where: str) -> ContrastivePair:
     _check_texts(record, where)
     group = _group_of(record, where)
@@ -103,9 +125,10 @@ def _pair_from_record(record: Any, where: str) -> ContrastivePair:
 
 
 def _parse_line(raw: bytes, where: str) -> Any:
-    """The JSON value of one raw line, or None for a blank line."""
+    """The JSON value of one raw line, or None for a blank line (a UTF-8 byte-order mark, which some
+    editors put at the start of a file, is skipped)."""
     try:
-        line = raw.decode("utf-8")
+        line = raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         raise ValueError(f"{where}: not valid UTF-8 ({exc.reason}); save the file as UTF-8.") from None
     if not line.strip():
@@ -123,19 +146,24 @@ def load_pairs_jsonl(path: str | os.PathLike) -> list[ContrastivePair]:
     """Read contrastive pairs from a JSONL file (schema in ``docs/data.md``).
 
     One JSON object per line: ``{"prompt": str, "positive": str, "negative": str, "group": str?}``;
-    blank lines are skipped, other keys are ignored. Without ``"group"`` the group is derived from the
-    prompt (pairs with the same prompt share a group). Every error names the file and the line.
+    blank lines are skipped, other keys are ignored, a UTF-8 byte-order mark is accepted. Without
+    ``"group"`` the group is derived from the prompt (pairs with the same prompt share a group); an
+    integer group is the group of its decimal text, and a file that writes one group both ways
+    (``1`` and ``"1"``) is refused. Every error names the file and the line.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Pairs file {path} does not exist (or is not a file): check the path.")
     pairs: list[ContrastivePair] = []
+    spellings = _GroupSpellings()
     with path.open("rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
             where = f"{path}: line {lineno}"
             record = _parse_line(raw, where)
             if record is not None:
                 pairs.append(_pair_from_record(record, where))
+                if record.get("group") is not None:
+                    spellings.check(record, pairs[-1].group_id, where)
     if not pairs:
         raise ValueError(f"Pairs file {path} is empty: it needs at least one JSON line with a pair.")
     return pairs

@@ -46,6 +46,7 @@ from hpr_peft.experiment.table import chance_levels, format_table
 from hpr_peft.fitting import AnswerCollector, PairActivations, fit_hpr
 from hpr_peft.fitting.selection import rank_layers
 from hpr_peft.hub.shareable import save_shareable_adapter
+from hpr_peft.runtime.atomic_files import check_output_path, write_text_atomic
 from hpr_peft.runtime.blocks import find_decoder_stack
 from hpr_peft.runtime.bundled_models import load_model
 from hpr_peft.runtime.progress import progress_bar
@@ -114,6 +115,7 @@ def run_main_job(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | N
     if settings.threads:
         torch.set_num_threads(settings.threads)
     out_dir = Path(settings.output_dir)
+    check_output_path(out_dir, "directory")  # a file or unwritable place fails now, not after the job
     out_dir.mkdir(parents=True, exist_ok=True)
     clock = _Clock()
     job = _prepare(settings, model_and_tokenizer, clock)
@@ -369,9 +371,11 @@ def _save_adapter(model: Any, hpr_pick: dict[str, Any], directory: Path) -> None
     )
     tuner.set_selected_layers(hpr_pick["layers"])
     tuner.set_alpha(hpr_pick["alpha"])
-    save_shareable_adapter(model, directory)  # with HPR's model card
-    tuner.set_selected_layers(previous_layers)
-    tuner.set_alpha(previous_alpha)
+    try:
+        save_shareable_adapter(model, directory)  # atomic, with HPR's model card
+    finally:
+        tuner.set_selected_layers(previous_layers)
+        tuner.set_alpha(previous_alpha)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,9 +438,9 @@ def _results(job: _Job, outcomes: list[_FoldOutcome], clock: _Clock) -> dict[str
 
 
 def _write_outputs(results: dict[str, Any], probe_accuracy, monitor_data, out_dir: Path) -> None:
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1, default=_json_default))
     table = format_table(results)
-    (out_dir / "results.md").write_text(table + "\n")
+    write_text_atomic(out_dir / "results.md", table + "\n")
     _plots(results, probe_accuracy, monitor_data, out_dir)
     print(table)
     print(f"[hpr-peft main] total {results['timings_s']['total']:.0f}s; outputs in {out_dir}")

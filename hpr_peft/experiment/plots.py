@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hpr_peft.runtime.atomic_files import atomic_file
+
 __all__ = ["plot_monitor", "plot_pareto", "plot_probe_accuracy"]
 
 
@@ -118,8 +120,11 @@ def plot_monitor(
 
 
 def _save(fig: Any, plt: Any, path: str | os.PathLike) -> Path:
+    """Write the figure atomically (never a half-written PNG where a good one stood) and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path

@@ -7,6 +7,8 @@ from typing import Any
 
 from hpr_peft.fitting.activations import TOKEN_SELECTIONS
 from hpr_peft.fitting.angle_targets import ANGLE_TARGETS
+from hpr_peft.fitting.selection import check_selection
+from hpr_peft.tuner.config import validate_alpha
 
 __all__ = ["MODEL_DEFAULTS", "JobSettings"]
 
@@ -58,6 +60,10 @@ class JobSettings:
         for name in ("hpr_alphas", "additive_alphas", "top_ks"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is empty: give at least one value.")
+        for alpha in self.hpr_alphas:
+            validate_alpha(alpha)
+        for top_k in self.top_ks:
+            check_selection(top_k, None)
         if self.kl_budget <= 0:
             raise ValueError(f"kl_budget must be > 0, got {self.kl_budget}.")
 

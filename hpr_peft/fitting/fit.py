@@ -9,6 +9,7 @@ and write the report into the adapter's config so it is saved with it.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,12 +21,12 @@ from hpr_peft.fitting.activations import PairActivations
 from hpr_peft.fitting.angle_targets import angle_target_named
 from hpr_peft.fitting.collection import collect_activations
 from hpr_peft.fitting.report import FitReport, LayerFitResult
-from hpr_peft.fitting.selection import select_layers
+from hpr_peft.fitting.selection import check_selection, select_layers
 from hpr_peft.fitting.training import EditorWeights, train_editors
 from hpr_peft.runtime.model_io import broadcast_from_rank0, distributed_rank_world
 from hpr_peft.tuner.model import HPRModel, hpr_tuner
 
-__all__ = ["LayerScorer", "fit_hpr"]
+__all__ = ["LayerScorer", "check_validation_is_held_out", "fit_hpr"]
 
 LayerScorer = Callable[[Any, int], float]
 
@@ -126,6 +127,7 @@ def _start(model: Any, adapter_name: str | None, layers: Sequence[int] | None, o
     fraction = options["validation_fraction"]
     if not (0.0 <= fraction < 1.0):
         raise ValueError(f"validation_fraction must be in [0, 1), got {fraction!r}.")
+    options["top_k"], options["min_accuracy"] = check_selection(options["top_k"], options["min_accuracy"])
     return _Fit(tuner, adapter, chosen, options)
 
 
@@ -153,6 +155,7 @@ def _collect(model: Any, fit: _Fit) -> tuple[PairActivations, PairActivations | 
         raise ValueError("pairs is empty: fit_hpr needs contrastive pairs (or precomputed activations).")
     if o["tokenizer"] is None:
         raise ValueError("tokenizer is required to collect activations from pairs.")
+    check_validation_is_held_out(pairs, validation_pairs or [])
     all_pairs = list(pairs) + list(validation_pairs or [])
     started = time.perf_counter()
     collected = collect_activations(
@@ -170,6 +173,32 @@ def _collect(model: Any, fit: _Fit) -> tuple[PairActivations, PairActivations | 
     train_acts = collected.select_pairs(range(n_train))
     val_acts = collected.select_pairs(range(n_train, len(all_pairs))) if validation_pairs else None
     return train_acts, val_acts
+
+
+def _pair_text(pair: Any) -> tuple[Any, Any, Any]:
+    return getattr(pair, "prompt", None), getattr(pair, "positive", None), getattr(pair, "negative", None)
+
+
+def check_validation_is_held_out(pairs: Sequence[Any], validation_pairs: Sequence[Any]) -> None:
+    """Refuse validation pairs that are also training pairs (their probe accuracy would be training
+    accuracy, leaked into the layer choice); warn when a group has pairs on both sides."""
+    training = {_pair_text(pair) for pair in pairs}
+    shared = [pair for pair in validation_pairs if _pair_text(pair) in training]
+    if shared:
+        raise ValueError(
+            f"{len(shared)} of {len(validation_pairs)} validation pairs are also training pairs (e.g. prompt "
+            f"{_pair_text(shared[0])[0]!r:.80}): the validation accuracy would be training accuracy. Remove "
+            "them from validation_pairs, or drop validation_pairs and hold out groups with validation_fraction."
+        )
+    groups = {getattr(pair, "group_id", None) for pair in pairs} - {None}
+    both = sorted({getattr(pair, "group_id", None) for pair in validation_pairs} & groups)
+    if both:
+        warnings.warn(
+            f"{len(both)} group(s) have pairs in both the training and the validation pairs (e.g. {both[0]!r}): "
+            "pairs of one source example on both sides inflate the validation accuracy. Split by group "
+            "(hpr_peft.data.split_groups) or use validation_fraction.",
+            stacklevel=4,
+        )
 
 
 def _split_validation(

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpr_peft.runtime.atomic_files import atomic_file, write_text_atomic
+
 REPORT_FORMAT = "hpr_peft.fit_report"
 REPORT_VERSION = 1
 
@@ -86,8 +88,7 @@ class FitReport:
         """JSON text of the report; also written to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text + "\n")
+            write_text_atomic(path, text + "\n")
         return text
 
     @classmethod
@@ -127,14 +128,13 @@ class FitReport:
         return "\n".join(lines)
 
     def plot_probe_accuracy(self, path: str | os.PathLike) -> Path:
-        """Write a PNG of train/validation probe accuracy per layer, selected layers marked."""
+        """Write a PNG of train/validation probe accuracy per layer, selected layers marked (atomically)."""
         import matplotlib
 
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         xs = [r.layer for r in self.layers]
         fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * len(xs) + 3), 3.5))
         try:
@@ -154,7 +154,8 @@ class FitReport:
             ax.set_title("HPR probe accuracy per layer (selected layers shaded)")
             ax.legend()
             fig.tight_layout()
-            fig.savefig(path, dpi=100)
+            with atomic_file(path) as tmp:
+                fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
         finally:
             plt.close(fig)
         return path

@@ -4,10 +4,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Integral, Real
+from typing import Any
 
 from hpr_peft.fitting.report import LayerFitResult
 
-__all__ = ["rank_layers", "select_layers"]
+__all__ = ["check_selection", "rank_layers", "select_layers"]
+
+
+def check_selection(top_k: Any, min_accuracy: Any) -> tuple[int | None, float | None]:
+    """``(top_k, min_accuracy)`` checked (before any collection or training): ``top_k`` a positive int
+    (not a bool) or None, ``min_accuracy`` a probe accuracy in [0, 1] or None."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 1):
+        raise ValueError(
+            f"top_k must be a positive int (the number of editing layers) or None, got {top_k!r}."
+        )
+    if min_accuracy is not None and (
+        isinstance(min_accuracy, bool)
+        or not isinstance(min_accuracy, Real)
+        or not 0.0 <= float(min_accuracy) <= 1.0
+    ):
+        raise ValueError(
+            f"min_accuracy must be a probe accuracy between 0 and 1 (e.g. 0.7) or None, got {min_accuracy!r}."
+        )
+    return (None if top_k is None else int(top_k)), (None if min_accuracy is None else float(min_accuracy))
 
 
 def rank_layers(results: Sequence[LayerFitResult], scores: dict[int, float] | None = None) -> list[int]:
@@ -34,8 +54,7 @@ def select_layers(
     layers whose probe accuracy reaches it; ``top_k`` then keeps the best ``k``. Ties break toward
     the lower layer index.
     """
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}.")
+    top_k, min_accuracy = check_selection(top_k, min_accuracy)
     if top_k is None and min_accuracy is None and scores is None:
         raise ValueError("give top_k, min_accuracy or a layer scorer to select layers.")
     pool = list(results)

@@ -16,6 +16,7 @@ __all__ = [
     "PICKLE_WEIGHTS_NAME",
     "WEIGHTS_NAME",
     "check_adapter_dir",
+    "check_hpr_peft_type",
     "pickle_refusal",
     "read_json",
 ]
@@ -70,3 +71,40 @@ def check_adapter_dir(directory: Path) -> dict:
             f"{str(directory)!r} has no {WEIGHTS_NAME}; re-save the adapter with save_pretrained"
         )
     return read_json(config_path)
+
+
+def _holds_hpr_editors(weights: Path) -> bool:
+    """Whether the safetensors file has HPR editor tensors (reads only its header)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            names = handle.keys()
+        return any(".hpr_probe." in name or ".hpr_angle." in name for name in names)
+    except Exception:  # an unreadable file is reported when the weights load
+        return False
+
+
+def check_hpr_peft_type(config: dict, directory: Path, label: str) -> None:
+    """Raise ``ValueError`` unless the config of the adapter in ``directory`` (shown as ``label``) says
+    ``"peft_type": "HPR"``: a missing or lower-case type, or another method's type, each named with its fix.
+    """
+    where = f"{CONFIG_NAME} of {label!r}"
+    peft_type = config.get("peft_type")
+    if peft_type is None:
+        raise ValueError(
+            f'{where} has no "peft_type", so PEFT cannot tell which method the adapter is. An HPR adapter\'s '
+            'config says "peft_type": "HPR": add it, or re-save the adapter with save_pretrained.'
+        )
+    if peft_type == "HPR":
+        return
+    if isinstance(peft_type, str) and peft_type.upper() == "HPR":
+        raise ValueError(f'{where} has "peft_type": {peft_type!r}; PEFT types are upper-case: write "HPR".')
+    if _holds_hpr_editors(directory / WEIGHTS_NAME):
+        raise ValueError(
+            f"{where} says peft_type {peft_type!r}, but its {WEIGHTS_NAME} holds HPR editors (hpr_probe / "
+            'hpr_angle tensors): the config is wrong. Set "peft_type": "HPR", or re-save the adapter.'
+        )
+    raise ValueError(
+        f"{label!r} is a {peft_type} adapter, not an HPR adapter: load it with peft.PeftModel.from_pretrained."
+    )

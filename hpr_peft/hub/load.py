@@ -17,10 +17,12 @@ from hpr_peft.hub.adapter_files import (
     PICKLE_WEIGHTS_NAME,
     WEIGHTS_NAME,
     check_adapter_dir,
+    check_hpr_peft_type,
     pickle_refusal,
 )
 from hpr_peft.hub.errors import explain_hub_error, hub_errors
 from hpr_peft.hub.repo_ids import looks_like_repo_id
+from hpr_peft.tuner.config import validate_adapter_name
 from hpr_peft.tuner.registration import register_hpr
 
 __all__ = ["AutoHPRModelForCausalLM", "fetch_adapter", "load_adapter"]
@@ -129,7 +131,10 @@ def load_adapter(
     """Load an HPR adapter (Hub repo id or local directory) onto ``base_model``; return the ``PeftModel``.
 
     Registers the HPR PEFT type itself (no ``import hpr_peft`` needed first) and reads only
-    ``adapter_model.safetensors`` (a pickle-only adapter raises ValueError, never unpickled).
+    ``adapter_model.safetensors`` (a pickle-only adapter raises ValueError, never unpickled). The
+    config must say ``"peft_type": "HPR"``, and the weights must match it and the model (same hidden
+    size and blocks, finite values; see :mod:`hpr_peft.tuner.checkpoint`): each mismatch raises
+    ValueError naming the file and the fix.
     ``base_model=None`` loads ``AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path,
     **base_model_kwargs)``. If ``base_model`` is already a PeftModel, the adapter is added to it under
     ``adapter_name``. Hub failures raise HubAccessError naming the fix.
@@ -137,8 +142,7 @@ def load_adapter(
     register_hpr()
     from peft import PeftModel
 
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise ValueError("load_adapter: adapter_name must be a non-empty string")
+    validate_adapter_name(adapter_name)
     folder, config = fetch_adapter(
         repo_or_dir,
         revision=revision,
@@ -148,6 +152,7 @@ def load_adapter(
         subfolder=subfolder,
         endpoint=endpoint,
     )
+    check_hpr_peft_type(config, folder, str(repo_or_dir) + (f"/{subfolder}" if subfolder else ""))
     if base_model is None:
         base_model = _load_base_model(config, repo_or_dir, token, base_model_kwargs)
     if isinstance(base_model, PeftModel):

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from hpr_peft.hub.adapter_files import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, check_adapter_dir, read_json
 from hpr_peft.hub.card import BASE_WEIGHTS_KEY, render_model_card
-from hpr_peft.runtime.atomic_files import atomic_directory
+from hpr_peft.hub.saving import save_adapter_atomic
 from hpr_peft.runtime.bundled_models import weights_source
 from hpr_peft.tuner.model import hpr_tuner
 
@@ -40,18 +41,21 @@ def save_shareable_adapter(
     only_selected_layers: bool = False,
     adapter_name: str | None = None,
     base_model: str | None = None,
+    add_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save ``model``'s HPR adapter into ``directory`` with HPR's model card, atomically.
 
     ``only_selected_layers``: keep only the editors of the layers that edit (``selected_layers``); the
     saved ``target_layers`` then lists exactly those, and the card says which layers it holds.
     ``base_model``: the Hub id to record as ``base_model_name_or_path`` (default: what PEFT recorded, the
-    Hub id for bundled models). Other files already in ``directory`` are kept. Returns the directory.
+    Hub id for bundled models). Other files already in ``directory`` are kept; ``add_files(folder)`` may
+write more (a report, plots) that are swapped in together with the adapter
+(:func:`~hpr_peft.hub.saving.save_adapter_atomic`). Returns the directory.
     """
     tuner = hpr_tuner(model)
     adapter = tuner.resolve_adapter(adapter_name)
-    with atomic_directory(directory) as staging:
-        model.save_pretrained(str(staging), selected_adapters=[adapter], safe_serialization=True)
+
+    def finish(staging: Path) -> None:
         saved = staging / adapter if adapter != "default" else staging
         if saved != staging:
             for name in (CONFIG_NAME, WEIGHTS_NAME):
@@ -62,7 +66,12 @@ def save_shareable_adapter(
             keep_selected_layers(staging)
         config = read_json(staging / CONFIG_NAME)
         (staging / CARD_NAME).write_text(render_model_card(config), encoding="utf-8")
-    return Path(directory).expanduser().absolute()
+        if add_files is not None:
+            add_files(staging)
+
+    return save_adapter_atomic(
+        model, directory, selected_adapters=[adapter], safe_serialization=True, add_files=finish
+    )
 
 
 def record_weights_source(model: Any, directory: Path, *, base_model: str | None = None) -> None:

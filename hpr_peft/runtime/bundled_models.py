@@ -103,6 +103,17 @@ def bundled_gguf(name: str) -> tuple[Path, str]:
     raise ValueError(f"Unknown bundled model {name!r}: choose one of {list(BUNDLED_MODELS)}.")
 
 
+def _check_local_model(name_or_path: str) -> None:
+    """A name written as a path (absolute, ``./``, ``../``, ``~``) must be an existing folder: such a name
+    is never a Hub id, and transformers would only say it is not a valid repo id."""
+    looks_like_path = name_or_path.startswith(("/", "./", "../", "~", "\\")) or os.path.isabs(name_or_path)
+    if looks_like_path and not Path(name_or_path).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"model {name_or_path!r}: no such folder. Pass an existing model folder, a Hub id "
+            f"('namespace/name') or a bundled short name ({', '.join(BUNDLED_MODELS)})."
+        )
+
+
 def load_causal_lm(
     name_or_path: str, gguf_file: str | None = None, dtype: torch.dtype = torch.float32, **kwargs
 ):
@@ -117,6 +128,7 @@ def load_causal_lm(
     if bundled:
         folder, gguf_file = bundled_gguf(bundled)
         name_or_path = str(folder)
+    _check_local_model(str(name_or_path))
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **extra, **kwargs)

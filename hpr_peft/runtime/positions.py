@@ -7,10 +7,15 @@ and (b) which position is the first real token of its sequence: an attention sin
 model records this per call in a :class:`PositionContext`; editors read it from a shared
 :class:`PositionTracker`. Masks are computed from the full 2-D attention mask (past + current),
 so cached generation, uncached forwards and left-padded batches all agree.
+
+The context of a call is kept per thread (a stack, so a forward nested inside another one restores
+the outer call's context when it returns): one model may serve several threads at once, and each
+call sees its own padding and sequence starts.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,18 +90,33 @@ def context_from_inputs(
 
 
 class PositionTracker:
-    """Holds the :class:`PositionContext` of the forward call in flight.
+    """Holds the :class:`PositionContext` of the forward call in flight, per thread.
 
     ``attach(model)`` installs the hooks on the top-level model; editors call
-    :meth:`context_for` with their hidden state to get masks of matching shape. Outside a
-    tracked call (a block called directly) the fallback treats every position as real and the
-    first position of the call as the sequence start, which is right for an unpadded, uncached
+    :meth:`context_for` with their hidden state to get masks of matching shape. Each thread has its
+    own stack of calls in flight, so concurrent forwards of one model never see each other's masks.
+    Outside a tracked call (a block called directly) the fallback treats every position as real and
+    the first position of the call as the sequence start, which is right for an unpadded, uncached
     forward.
     """
 
     def __init__(self) -> None:
-        self.current: PositionContext | None = None
+        self._calls = threading.local()
         self._hooks = HookSet()
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles carry the hooks but no call in flight (thread-local state is per process)."""
+        return {"_hooks": self._hooks}
+
+    def __setstate__(self, state: dict) -> None:
+        self._hooks = state["_hooks"]
+        self._calls = threading.local()
+
+    @property
+    def current(self) -> PositionContext | None:
+        """The context of this thread's innermost tracked call (None outside a call)."""
+        stack = getattr(self._calls, "stack", ())
+        return stack[-1] if stack else None
 
     def attach(self, model: nn.Module) -> None:
         """Track the calls of ``model`` (the top-level module users call)."""
@@ -106,18 +126,21 @@ class PositionTracker:
 
     def detach(self) -> None:
         self._hooks.remove()
-        self.current = None
+        self._calls.stack = ()
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        stack = getattr(self._calls, "stack", ())
+        self._calls.stack = (*stack, self._context_of_call(args, kwargs))
+
+    def _context_of_call(self, args: tuple, kwargs: dict) -> PositionContext | None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         inputs_embeds = kwargs.get("inputs_embeds")
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None:
-            self.current = None
-            return
+            return None
         batch, seq = reference.shape[0], reference.shape[1]
         past = kwargs.get("past_key_values", kwargs.get("cache"))
-        self.current = context_from_inputs(
+        return context_from_inputs(
             batch,
             seq,
             kwargs.get("attention_mask"),
@@ -127,7 +150,8 @@ class PositionTracker:
         )
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.current = None
+        stack = getattr(self._calls, "stack", ())
+        self._calls.stack = stack[:-1]
 
     def context_for(self, hidden: torch.Tensor) -> PositionContext:
         batch, seq = hidden.shape[0], hidden.shape[1]

@@ -9,24 +9,61 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any, ClassVar, Literal
 
 from peft.config import PeftConfig
 from peft.utils import TaskType
 
-from hpr_peft.tuner.registration import ensure_peft_type
+from hpr_peft.tuner.registration import PEFT_TYPE_NAME, ensure_peft_type
 
 EDIT_POSITIONS = ("all", "last")
+# |alpha| beyond this turns tokens by hundreds of full turns (the angle is alpha * f(h), f(h) < pi):
+# no strength means that, and float32 angles lose their precision long before they overflow
+MAX_ABS_ALPHA = 1000.0
+# widest / deepest angle net a config may ask for (a tampered config could otherwise ask for terabytes)
+MAX_ANGLE_WIDTH = 65536
+MAX_ANGLE_DEPTH = 16
 
 
 def validate_alpha(alpha: Any) -> float:
-    """``alpha`` as a float; raises ``ValueError`` unless it is a finite real number (not a bool)."""
+    """``alpha`` as a float: a finite real number (Python or numpy, not a bool) with
+    ``|alpha| <= MAX_ABS_ALPHA``; raises ``ValueError`` otherwise.
+
+    A flagged token is turned by ``alpha * f(h)`` radians towards the probe's positive side: ``0``
+    switches editing off, ``1`` is the fitted strength, and a negative ``alpha`` turns flagged tokens
+    the other way, away from the positive side (the opposite edit, e.g. for ablations).
+    """
     if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number (the strength, default 1.0), got {alpha!r}.")
+    if abs(float(alpha)) > MAX_ABS_ALPHA:
+        raise ValueError(
+            f"alpha must be a finite number between -{MAX_ABS_ALPHA:g} and {MAX_ABS_ALPHA:g} (the angle is "
+            f"alpha * f(h) radians with f(h) < pi; larger values only spin tokens round and round), got {alpha!r}."
+        )
     return float(alpha)
+
+
+def validate_adapter_name(name: Any) -> str:
+    """``name`` checked to be a usable adapter name; raises ``ValueError`` naming the fix otherwise.
+
+    PEFT saves a non-default adapter in the sub-directory ``<save dir>/<adapter name>`` and uses the
+    name inside module keys, so a name must be one plain path component without dots: an absolute or
+    path-like name would make a save write outside the target directory.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"adapter_name must be a non-empty string such as 'default', got {name!r}.")
+    separators = {"/", "\\", os.sep, os.altsep or "/"}
+    if any(sep in name for sep in separators) or "." in name or "\0" in name or name != name.strip():
+        raise ValueError(
+            f"adapter_name {name!r} is not a plain name: it must not contain '/', '\\', '.', NUL or "
+            "surrounding spaces (PEFT saves a named adapter in the sub-directory of that name, so a path "
+            "would write outside the save directory). Use letters, digits, '_' or '-', e.g. 'truthful'."
+        )
+    return name
 
 
 def validate_layer_choice(layers: Iterable[int] | None, available: Iterable[int]) -> set[int]:
@@ -38,9 +75,10 @@ def validate_layer_choice(layers: Iterable[int] | None, available: Iterable[int]
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
         raise TypeError(f"layers must be an iterable of block indices or None, got {layers!r}.")
     chosen = list(layers)
-    bad = [i for i in chosen if isinstance(i, bool) or not isinstance(i, int)]
+    bad = [i for i in chosen if not _is_int(i)]
     if bad:
         raise TypeError(f"layers must contain integer block indices, got {bad!r}.")
+    chosen = [int(i) for i in chosen]
     unknown = sorted(set(chosen) - available)
     if unknown:
         raise ValueError(
@@ -50,7 +88,8 @@ def validate_layer_choice(layers: Iterable[int] | None, available: Iterable[int]
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def _layer_list(name: str, value: Any, allow_all: bool) -> list[int] | str:
@@ -81,10 +120,23 @@ def _layer_list(name: str, value: Any, allow_all: bool) -> list[int] | str:
         raise ValueError(
             f"{name} must contain only non-negative integer block indices, got {bad!r}. Pass e.g. {name}=[0, 3]."
         )
+    value = [int(item) for item in value]
     if len(set(value)) != len(value):
-        duplicates = sorted({item for item in value if list(value).count(item) > 1})
+        duplicates = sorted({item for item in value if value.count(item) > 1})
         raise ValueError(f"{name} lists block indices {duplicates} more than once; list each block once.")
     return sorted(value)
+
+
+def _check_angle_net_size(sizes: list[int]) -> None:
+    """Refuse angle nets no fit would ask for (a damaged or tampered config could ask for terabytes)."""
+    too_wide = [s for s in sizes if s > MAX_ANGLE_WIDTH]
+    if too_wide or len(sizes) > MAX_ANGLE_DEPTH:
+        raise ValueError(
+            f"angle_hidden_sizes {sizes if len(sizes) <= 8 else [*sizes[:8], '...']} asks for an absurdly "
+            f"large angle net (at most {MAX_ANGLE_DEPTH} hidden layers of at most {MAX_ANGLE_WIDTH} units "
+            "each; fitted adapters use [d // 2]): the config is damaged. Re-save the adapter, or fix "
+            "angle_hidden_sizes in adapter_config.json."
+        )
 
 
 @dataclass
@@ -95,7 +147,9 @@ class HPRConfig(PeftConfig):
         target_layers: decoder block indices whose output is edited, or ``"all"``. Blocks are found
             structurally (any transformers decoder-only causal LM); module names and ``"all-linear"``
             are rejected because HPR edits whole blocks.
-        alpha: strength; the rotation angle is ``alpha * f(h)``. Finite; ``0`` disables the edit.
+        alpha: strength; the rotation angle is ``alpha * f(h)``. Finite, ``|alpha| <= 1000``; ``0``
+            disables the edit; a negative ``alpha`` turns flagged tokens away from the probe's positive
+            side (the opposite edit).
         threshold: a token is edited where the probe gives ``sigmoid(w·h) < threshold`` (with the
             default 0.5: ``w·h <= 0``; ``w·h = 0`` counts as negative). In ``(0, 1)``.
         angle_hidden_sizes: widths of the hidden Linear+GELU blocks of the angle predictor; ``None``
@@ -189,7 +243,8 @@ class HPRConfig(PeftConfig):
                     f"angle_hidden_sizes must contain only positive ints (layer widths), got {bad!r}; "
                     "use e.g. [256], [] for a single Linear, or None for [d // 2]."
                 )
-            self.angle_hidden_sizes = list(self.angle_hidden_sizes)
+            self.angle_hidden_sizes = [int(s) for s in self.angle_hidden_sizes]
+            _check_angle_net_size(self.angle_hidden_sizes)
 
         if self.edit_positions not in EDIT_POSITIONS:
             raise ValueError(
@@ -237,6 +292,33 @@ class HPRConfig(PeftConfig):
                 "they name the same thing (the blocks to edit); give only target_layers."
             )
         self.target_layers, self.layers_to_transform = layers, None
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """Refuse a loaded config whose ``peft_type`` is not ``"HPR"`` (peft would silently build
+        another method's config from it)."""
+        peft_type = kwargs.get("peft_type", PEFT_TYPE_NAME)
+        if str(getattr(peft_type, "value", peft_type)) != PEFT_TYPE_NAME:
+            raise ValueError(
+                f'peft_type is {peft_type!r}, not "HPR": this is not an HPR adapter config. Load it with '
+                'peft.PeftModel.from_pretrained, or, if the folder holds HPR weights, set "peft_type": "HPR".'
+            )
+        return super().check_kwargs(**kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
+    ) -> HPRConfig:
+        """Load ``adapter_config.json`` (PEFT's loader); a bad value raises naming the file, and the
+        config remembers where it came from (``loaded_from``) so that weight checks can name the folder."""
+        source = str(pretrained_model_name_or_path) + (f"/{subfolder}" if subfolder else "")
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except (ValueError, TypeError) as error:
+            if source in str(error):  # already names the folder (peft: "Can't find ... at ...")
+                raise
+            raise type(error)(f"{source}/adapter_config.json: {error}") from error
+        config.loaded_from = source
+        return config
 
     def resolved_target_layers(self, num_layers: int) -> list[int]:
         """Target block indices for a model with ``num_layers`` blocks (validates the range)."""

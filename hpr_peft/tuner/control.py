@@ -14,6 +14,14 @@ non-final positions with ``edit_positions="last"``. All layers holding the adapt
 including ones switched off by ``selected_layers``.
 
 ``model`` may be a ``PeftModel`` or the ``HPRModel`` itself.
+
+Scope: both act on the current thread (context) only, never on other threads using the same model,
+and they nest: settings of an inner block override an outer one until it exits; blocks exited in any
+order leave exactly the remaining blocks in force (see :mod:`hpr_peft.tuner.run_scope`, which also
+shows how to carry them into a thread started inside the block). Nested monitors all record the same
+tokens. The persistent setters are process-wide, and so is peft's ``disable_adapter()`` (it flips a
+flag on every layer); to switch editing off for one thread only, use ``edit_settings(model, layers=[])``,
+which gives the base model's outputs bit for bit.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import torch
 from hpr_peft.tuner.config import validate_alpha, validate_layer_choice
 from hpr_peft.tuner.layer import HPRLayer
 from hpr_peft.tuner.model import hpr_tuner
+from hpr_peft.tuner.run_scope import MonitorScope, SettingsOverride, effective_settings, scoped
 
 
 @contextmanager
@@ -40,24 +49,16 @@ def edit_settings(
 ) -> Iterator[None]:
     """Temporarily set ``alpha`` and/or the blocks that edit (``layers``: block indices that edit;
     all other blocks of the adapter are switched off; ``[]`` switches every block off). ``None`` leaves
-    a setting unchanged. Previous values are restored on exit, also on exceptions.
+    a setting unchanged. The settings hold for forwards in this thread until the block exits (also on
+    exceptions); other threads keep the model's own settings (module docstring).
     """
     tuner = hpr_tuner(model)
     adapter = tuner.resolve_adapter(adapter_name)
     hpr_layers = tuner.hpr_layers(adapter)
     new_alpha = None if alpha is None else validate_alpha(alpha)
-    chosen = None if layers is None else validate_layer_choice(layers, hpr_layers)
-    saved = {i: (layer.hpr_alpha[adapter], layer.hpr_selected[adapter]) for i, layer in hpr_layers.items()}
-    try:
-        for index, layer in hpr_layers.items():
-            if new_alpha is not None:
-                layer.hpr_alpha[adapter] = new_alpha
-            if chosen is not None:
-                layer.hpr_selected[adapter] = index in chosen
+    chosen = None if layers is None else frozenset(validate_layer_choice(layers, hpr_layers))
+    with scoped(SettingsOverride(hpr_layers, adapter, new_alpha, chosen)):
         yield
-    finally:
-        for index, layer in hpr_layers.items():
-            layer.hpr_alpha[adapter], layer.hpr_selected[adapter] = saved[index]
 
 
 @dataclass
@@ -125,32 +126,20 @@ def monitor(model: Any, adapter_name: str | None = None) -> Iterator[MonitorReco
     tuner = hpr_tuner(model)
     adapter = tuner.resolve_adapter(adapter_name)
     hpr_layers = tuner.hpr_layers(adapter)
-    records = MonitorRecords(
-        {
-            index: LayerRecord(index, layer.hpr_selected[adapter], layer.hpr_alpha[adapter])
-            for index, layer in hpr_layers.items()
-        }
-    )
+    records = MonitorRecords()
+    for index, layer in hpr_layers.items():
+        alpha, active = effective_settings(layer, adapter)
+        records[index] = LayerRecord(index, active, alpha)
 
-    def record(
-        layer: HPRLayer, name: str, scores: torch.Tensor, flagged: torch.Tensor, angles: torch.Tensor
-    ) -> None:
-        if name != adapter:
-            return
+    def record(layer: HPRLayer, scores: torch.Tensor, flagged: torch.Tensor, angles: torch.Tensor) -> None:
         entry = records[layer.layer_index]
         entry.n_tokens += int(scores.numel())
         entry.n_flagged += int(flagged.sum())
         entry._scores.append(scores.detach().float().cpu())
         entry._angles.append(angles.detach().float().cpu())
 
-    previous = {index: layer.monitor_callback for index, layer in hpr_layers.items()}
-    try:
-        for layer in hpr_layers.values():
-            layer.monitor_callback = record
+    with scoped(MonitorScope(hpr_layers, adapter, record)):
         yield records
-    finally:
-        for index, layer in hpr_layers.items():
-            layer.monitor_callback = previous[index]
 
 
 __all__ = ["LayerRecord", "MonitorRecords", "edit_settings", "hpr_tuner", "monitor"]

@@ -30,7 +30,6 @@ Checkpoints saved before the gain existed have no ``hpr_gain`` entries; a load h
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,6 +40,7 @@ from hpr_peft.rotation import apply_hpr, mask_from_logits, probe_logits, pseudo_
 from hpr_peft.runtime.hooks import HookSet
 from hpr_peft.runtime.positions import PositionContext, PositionTracker, context_from_inputs
 from hpr_peft.tuner.angle_net import build_angle_net, predict_angle
+from hpr_peft.tuner.run_scope import current_scope, effective_settings, monitors_of
 from hpr_peft.tuner.trainable_edit import flag_probability, straight_through_edit
 
 
@@ -48,10 +48,6 @@ def flag_tokens(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """Tokens the probe calls negative from scores ``w·h``: ``sigmoid(w·h) < threshold``; at the
     default 0.5 ``w·h = 0`` counts as negative. Same rule as ``rotation.edit_mask``."""
     return mask_from_logits(scores, threshold)
-
-
-# (layer, adapter, scores of eligible tokens, flagged mask over them, angles of flagged tokens)
-MonitorCallback = Callable[["HPRLayer", str, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class AngleGain(nn.Module):
@@ -101,8 +97,6 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
         self.tracker = tracker
-        # set by hpr_peft.tuner.control.monitor: record probe results instead of editing
-        self.monitor_callback: MonitorCallback | None = None
         self._edit_hooks = HookSet()
         self.register_load_state_dict_pre_hook(_full_gain_for_checkpoints_without_one)
         self.update_layer(adapter_name, config, selected=selected)
@@ -287,8 +281,11 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         whose angle is exactly 0 (``g = 0``) is returned bit for bit. While autograd records the
         adapter's weights the edit runs :func:`straight_through_edit` (same values).
         """
-        monitoring = self.monitor_callback is not None
-        if not monitoring and (not self.hpr_selected[adapter_name] or self.hpr_alpha[adapter_name] == 0.0):
+        scope = current_scope()  # edit_settings / monitor of this thread (hpr_peft.tuner.run_scope)
+        alpha, selected = effective_settings(self, adapter_name, scope)
+        monitors = monitors_of(self, adapter_name, scope)
+        monitoring = bool(monitors)
+        if not monitoring and (not selected or alpha == 0.0):
             return hidden
         probe_weight = self.hpr_probe[adapter_name].weight[0]
         if probe_weight.device.type == "meta":
@@ -305,9 +302,9 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         if monitoring:
             with torch.no_grad():
                 angles = self.learned_angle(adapter_name, hidden[flagged])
-                self.monitor_callback(self, adapter_name, scores[eligible], flagged[eligible], angles)
+                for watcher in monitors:
+                    watcher.record(self, scores[eligible], flagged[eligible], angles)
             return hidden
-        alpha = self.hpr_alpha[adapter_name]
         if dense:
             theta = alpha * self.learned_angle(adapter_name, hidden)
             if training:
@@ -317,8 +314,8 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         index = flagged.nonzero(as_tuple=True)
         if index[0].numel() == 0:
             return hidden
-        selected = hidden[index]  # (n, d)
-        rotated = pseudo_rotate(selected, probe_weight, alpha * self.learned_angle(adapter_name, selected))
+        chosen = hidden[index]  # (n, d)
+        rotated = pseudo_rotate(chosen, probe_weight, alpha * self.learned_angle(adapter_name, chosen))
         return hidden.index_put(index, rotated)
 
     def __repr__(self) -> str:

@@ -22,9 +22,11 @@ from torch import nn
 
 from hpr_peft.runtime.blocks import DecoderStack, decoder_layer_index, find_decoder_stack, hidden_size_of
 from hpr_peft.runtime.positions import PositionTracker
-from hpr_peft.tuner.config import HPRConfig, validate_alpha, validate_layer_choice
+from hpr_peft.tuner.checkpoint import check_adapter_state_dict
+from hpr_peft.tuner.config import HPRConfig, validate_adapter_name, validate_alpha, validate_layer_choice
 from hpr_peft.tuner.layer import HPRLayer
 from hpr_peft.tuner.probe_init import balanced_probe, calibration_states, starting_share
+from hpr_peft.tuner.run_scope import effective_settings
 
 _MERGE_ERROR = (
     "HPR cannot be merged into the base weights: the edit depends on the input (the probe decides per token "
@@ -70,6 +72,7 @@ class HPRModel(BaseTuner):
         Also reached by ``add_adapter`` / ``load_adapter`` (which skip ``_pre_injection_hook``), so a
         bad second adapter fails before any block is touched.
         """
+        validate_adapter_name(adapter_name)
         config = self.peft_config[adapter_name]
         if not isinstance(config, HPRConfig):
             raise TypeError(f"HPRModel needs an HPRConfig, got {type(config).__name__}.")
@@ -210,6 +213,17 @@ class HPRModel(BaseTuner):
                 return key[:position] + f"{container}." + key[position + len(marker) :]
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, Any]
+    ) -> dict[str, Any]:
+        """peft's key mapping, then :func:`~hpr_peft.tuner.checkpoint.check_adapter_state_dict`: every
+        load of saved HPR weights (``PeftModel.from_pretrained`` / ``load_adapter``) passes here, and a
+        damaged or mismatched file raises instead of loading partly."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_adapter_state_dict(model.state_dict(), remapped, adapter_name, config)
+        return remapped
+
     # ------------------------------------------------------------------ HPR API
 
     def resolve_adapter(self, adapter_name: str | None) -> str:
@@ -251,9 +265,11 @@ class HPRModel(BaseTuner):
         self.peft_config[adapter_name].selected_layers = None if layers is None else sorted(chosen)
 
     def selected_layers(self, adapter_name: str | None = None) -> list[int]:
-        """Block indices that currently edit for ``adapter_name``."""
+        """Block indices that currently edit for ``adapter_name`` (in this thread, inside any
+        ``edit_settings`` block)."""
         adapter_name = self.resolve_adapter(adapter_name)
-        return [i for i, layer in self.hpr_layers(adapter_name).items() if layer.hpr_selected[adapter_name]]
+        layers = self.hpr_layers(adapter_name).items()
+        return [i for i, layer in layers if effective_settings(layer, adapter_name)[1]]
 
 
 def hpr_tuner(model: Any) -> HPRModel:

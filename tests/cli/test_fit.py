@@ -127,3 +127,31 @@ def test_fit_cli_writes_hpr_card_and_can_keep_only_the_selected_layers(tiny_dir,
     weights = load_file(tmp_path / "small" / "adapter_model.safetensors")
     assert {key.split(".hpr_")[0].rsplit(".", 1)[1] for key in weights} == {str(full["selected_layers"][0])}
     assert "holds the editors of layers" in (tmp_path / "small" / "README.md").read_text()
+
+
+def test_fit_cli_replaces_the_previous_adapter_atomically(tiny_dir, tmp_path, monkeypatch, capsys):
+    """A second fit that dies while its weights are written leaves the first adapter and its report."""
+    import peft.peft_model as peft_model
+    import safetensors.torch as st
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_dir), "--data", str(data), "--layers", "1,2", "--top-k", "1", "--epochs", "1"]
+    argv += ["--max-pairs", "16", "--output", str(out), "--no-progress"]
+    assert run_fit(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "report.json", "probe_accuracy.png"} <= set(
+        before
+    )
+
+    def dying(tensors, filename, *args, **kwargs):
+        with open(filename, "wb") as handle:
+            handle.write(b"half a file")
+        raise OSError("killed while writing the weights (injected)")
+
+    monkeypatch.setattr(st, "save_file", dying)
+    monkeypatch.setattr(peft_model, "safe_save_file", dying, raising=False)
+    assert run_fit([*argv, "--seed", "1"]) == 2
+    assert "killed while writing the weights" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -110,3 +110,27 @@ def test_jsonl_file_level_errors(tmp_path, name, content, error, message):
         path.write_bytes(content)
     with pytest.raises(error, match=message):
         load_pairs_jsonl(path)
+
+
+def test_jsonl_with_a_utf8_byte_order_mark_is_read(tmp_path):
+    """Some editors (Windows Notepad, Excel exports) start a UTF-8 file with a byte-order mark."""
+    path = tmp_path / "bom.jsonl"
+    lines = [
+        {"prompt": "Q: é?", "positive": " a", "negative": " b", "group": 1},
+        {"prompt": "Q:", "positive": " c", "negative": " d"},
+    ]
+    path.write_bytes("\ufeff".encode() + "".join(json.dumps(x) + "\n" for x in lines).encode())
+    pairs = load_pairs_jsonl(path)
+    assert [p.prompt for p in pairs] == ["Q: é?", "Q:"] and pairs[0].group_id == "1"
+
+
+def test_jsonl_groups_written_one_way_are_kept_apart_or_together(tmp_path):
+    """Integers are groups by their decimal text: 1 and 1 are one group, 1 and 2 two groups."""
+    path = tmp_path / "groups.jsonl"
+    rows = [(" a", 1), (" b", 1), (" c", 2), (" d", "x")]
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": "Q:", "positive": p, "negative": " n", "group": g}) + "\n" for p, g in rows
+        )
+    )
+    assert [p.group_id for p in load_pairs_jsonl(path)] == ["1", "1", "2", "x"]

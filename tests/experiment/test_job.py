@@ -95,5 +95,6 @@ def test_quick_job_end_to_end(smollm2, truthfulqa_dir, tmp_path):
     assert (out / "adapter" / "adapter_config.json").is_file()
     card = (out / "adapter" / "README.md").read_text()  # HPR's model card, not PEFT's placeholder
     assert "Householder Pseudo-Rotation" in card and "More Information Needed" not in card
+    assert [p.name for p in out.rglob(".*")] == []  # every write went through a temporary file, none is left
     assert not hasattr(model, "peft_config")  # the passed model was restored
     assert isinstance(model.model.layers[0], torch.nn.Module)

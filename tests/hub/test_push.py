@@ -228,8 +228,8 @@ def test_cli_push_never_leaks_the_token(
         monkeypatch.setenv("HF_TOKEN", TOKEN_A)  # the recommended way: token from the environment
         assert push_cli.run(parser.parse_args([*argv, "--revision", "v2", "--commit-message", "again"])) == 0
         monkeypatch.delenv("HF_TOKEN")
-        assert push_cli.run(parser.parse_args([*argv, "--token", BAD_TOKEN])) == 1
-        assert push_cli.run(parser.parse_args([*argv[:2], "--endpoint", hub.url])) == 1  # no token at all
+        assert push_cli.run(parser.parse_args([*argv, "--token", BAD_TOKEN])) == 2
+        assert push_cli.run(parser.parse_args([*argv[:2], "--endpoint", hub.url])) == 2  # no token at all
         loaded = load_adapter(
             make_tiny_causal_lm("llama"), "alice/cli-hpr", token=TOKEN_A, endpoint=hub.url, cache_dir=online
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,51 @@ def test_keep_existing_false_drops_other_files(tmp_path: Path) -> None:
 
 def test_package_exports_the_same_function() -> None:
     assert hpr_peft.save_adapter_atomic is save_adapter_atomic
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.iterdir()]}
+
+
+def test_permissions_follow_the_umask_like_a_plain_save(tmp_path: Path) -> None:
+    """Under umask 022 the adapter is 0755 / 0644 (readable by teammates), also the safetensors file,
+    which safetensors itself creates 0600."""
+    previous = os.umask(0o022)
+    try:
+        save_adapter_atomic(_peft(1), tmp_path / "adapter")
+    finally:
+        os.umask(previous)
+    modes = _modes(tmp_path / "adapter")
+    assert modes.pop("adapter") == 0o755
+    assert modes == {
+        name: 0o644 for name in ("adapter_config.json", "adapter_model.safetensors", "README.md")
+    }
+
+
+def test_a_symlinked_target_keeps_its_link(tmp_path: Path) -> None:
+    """``latest -> run1``: the save replaces run1's adapter atomically; the link stays a link."""
+    save_adapter_atomic(_peft(1), tmp_path / "run1")
+    (tmp_path / "latest").symlink_to("run1")
+    assert save_adapter_atomic(_peft(2), tmp_path / "latest") == (tmp_path / "latest").absolute()
+    assert (tmp_path / "latest").is_symlink() and os.readlink(tmp_path / "latest") == "run1"
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(make_tiny_causal_lm("llama"), str(tmp_path / "latest"))
+    for key, value in _hpr_state(_peft(2)).items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "run1"]
+
+
+def test_add_files_change_together_with_the_adapter(tmp_path: Path) -> None:
+    target = tmp_path / "adapter"
+    save_adapter_atomic(_peft(1), target, add_files=lambda folder: (folder / "report.json").write_text("1"))
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def half_report(folder: Path) -> None:
+        (folder / "report.json").write_text("2")
+        raise RuntimeError("plot failed (injected)")
+
+    with pytest.raises(RuntimeError, match="injected"):
+        save_adapter_atomic(_peft(2), target, add_files=half_report)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert _leftovers(tmp_path, "adapter") == []

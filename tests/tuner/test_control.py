@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel
@@ -136,3 +137,43 @@ def test_monitor_never_counts_padding_and_accumulates_calls():
     assert record.n_tokens == (3 - 1) + (8 - 1) + (8 - 1)
     assert len(record.scores) == record.n_tokens and len(record.angles) == record.n_flagged
     assert record.summary()["n_tokens"] == record.n_tokens
+
+
+@torch.no_grad()
+def test_negative_alpha_turns_flagged_tokens_the_other_way():
+    """alpha < 0 is the opposite edit: flagged tokens move away from the probe's positive side (w·h
+    drops instead of rising), with their norms kept; alpha > 0 moves them towards it."""
+    model = random_hpr_model("llama", target_layers=[1])
+    ids = token_ids(batch=2, seq=10, seed=8)
+    w = model.base_model.hpr_layers()[1].hpr_probe["default"].weight[0]
+    with model.disable_adapter():
+        plain = model(ids, output_hidden_states=True).hidden_states[2]
+    moved = {}
+    for alpha in (1.0, -1.0):
+        with edit_settings(model, alpha=alpha):
+            edited = model(ids, output_hidden_states=True).hidden_states[2]
+        changed = (edited != plain).any(-1)
+        assert changed.sum() > 3
+        torch.testing.assert_close(edited.norm(dim=-1), plain.norm(dim=-1), rtol=1e-5, atol=1e-6)
+        moved[alpha] = (edited[changed] @ w) - (plain[changed] @ w)
+    assert (moved[1.0] > 0).all() and (moved[-1.0] < 0).all()
+
+
+def test_numpy_scalars_are_accepted_alike_everywhere():
+    ids = token_ids()
+    model = random_hpr_model("llama", target_layers=[np.int64(1), 2], alpha=np.float32(0.5))
+    assert (
+        model.peft_config["default"].target_layers == [1, 2]
+        and type(model.peft_config["default"].alpha) is float
+    )
+    json.dumps(model.peft_config["default"].to_dict(), default=str)  # plain ints and floats
+    with torch.no_grad():
+        half = _logits(model, ids)
+        model.base_model.set_alpha(np.float64(1.0))
+        with edit_settings(model, alpha=np.float32(0.5), layers=np.array([1, 2])):
+            assert torch.equal(_logits(model, ids), half)
+        model.base_model.set_selected_layers(np.array([2]))
+        assert model.base_model.selected_layers() == [2]
+    for bad in (np.bool_(True), np.array([0.5])):
+        with pytest.raises(ValueError, match="alpha must be a finite number"):
+            model.base_model.set_alpha(bad)

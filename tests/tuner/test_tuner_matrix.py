@@ -9,6 +9,8 @@ backward pass reaches every adapter weight).
 from __future__ import annotations
 
 import copy
+import sys
+import threading
 
 import pytest
 import torch
@@ -259,3 +261,34 @@ class TestHPRTuner:
         if not config.get("init_weights", True):
             with model.disable_adapter(), torch.no_grad():
                 assert not torch.equal(untouched, model(ids).logits)  # ... the original still does
+
+    def test_padded_and_unpadded_forwards_in_two_threads_equal_each_alone(self, name, arch, config):
+        _, _, model = _build(arch, config)
+        rows = [token_ids(batch=1, seq=n, seed=n)[0] for n in (9, 4, 6)]
+        ids, mask, position_ids = _left_pad(rows)
+        padded = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
+        plain = {"input_ids": token_ids(batch=2, seq=7, seed=12)}
+        with torch.no_grad():
+            alone = {"padded": model(**padded).logits, "plain": model(**plain).logits}
+        wrong = {"padded": 0, "plain": 0}
+        start = threading.Barrier(2)
+
+        def repeat(key: str, batch: dict) -> None:
+            start.wait()
+            with torch.no_grad():
+                for _ in range(12):
+                    wrong[key] += not torch.equal(model(**batch).logits, alone[key])
+
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # switch threads as often as possible
+        try:
+            threads = [
+                threading.Thread(target=repeat, args=item) for item in (("padded", padded), ("plain", plain))
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            sys.setswitchinterval(previous)
+        assert wrong == {"padded": 0, "plain": 0}
