@@ -45,12 +45,12 @@ def save_shareable_adapter(
 ) -> Path:
     """Save ``model``'s HPR adapter into ``directory`` with HPR's model card, atomically.
 
-    ``only_selected_layers``: keep only the editors of the layers that edit (``selected_layers``); the
-    saved ``target_layers`` then lists exactly those, and the card says which layers it holds.
-    ``base_model``: the Hub id to record as ``base_model_name_or_path`` (default: what PEFT recorded, the
-    Hub id for bundled models). Other files already in ``directory`` are kept; ``add_files(folder)`` may
-write more (a report, plots) that are swapped in together with the adapter
-(:func:`~hpr_peft.hub.saving.save_adapter_atomic`). Returns the directory.
+        ``only_selected_layers``: keep only the editors of the layers that edit (``selected_layers``); the
+        saved ``target_layers`` then lists exactly those, and the card says which layers it holds.
+        ``base_model``: the Hub id to record as ``base_model_name_or_path`` (default: what PEFT recorded, the
+        Hub id for bundled models). Other files already in ``directory`` are kept; ``add_files(folder)`` may
+    write more (a report, plots) that are swapped in together with the adapter
+    (:func:`~hpr_peft.hub.saving.save_adapter_atomic`). Returns the directory.
     """
     tuner = hpr_tuner(model)
     adapter = tuner.resolve_adapter(adapter_name)

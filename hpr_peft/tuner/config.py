@@ -292,6 +292,7 @@ class HPRConfig(PeftConfig):
                 "they name the same thing (the blocks to edit); give only target_layers."
             )
         self.target_layers, self.layers_to_transform = layers, None
+
     @classmethod
     def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
         """Refuse a loaded config whose ``peft_type`` is not ``"HPR"`` (peft would silently build
