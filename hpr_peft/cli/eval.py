@@ -57,12 +57,15 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     question_ids = _read_ids(args.questions) if args.questions else None
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, progress=not args.no_progress)
     context = None
     if args.adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, args.adapter)
+        from hpr_peft.runtime.progress import quiet_library_bars
+
+        with quiet_library_bars(args.no_progress):
+            model = PeftModel.from_pretrained(model, args.adapter)
         model.eval()
         if args.alpha is not None:
             from hpr_peft.tuner.control import edit_settings

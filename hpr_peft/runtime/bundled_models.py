@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from hpr_peft.runtime.progress import quiet_library_bars
+
 BUNDLED_MODELS = ("smollm2", "gemma3")
 
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -88,12 +90,17 @@ def bundled_gguf(name: str) -> tuple[Path, str]:
 
 
 def load_causal_lm(
-    name_or_path: str, gguf_file: str | None = None, dtype: torch.dtype = torch.float32, **kwargs
+    name_or_path: str,
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    **kwargs,
 ):
     """Load a transformers causal LM + tokenizer from a Hub id, a folder, or a folder + GGUF file.
 
     ``name_or_path`` may also be a bundled short name (``"smollm2"``, ``"gemma3"``). Returns
     ``(model, tokenizer)`` with the model in eval mode and the tokenizer padded on the left.
+    ``progress=False`` silences every bar of the load, the GGUF conversion's included.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -101,8 +108,9 @@ def load_causal_lm(
         folder, gguf_file = bundled_gguf(name_or_path)
         name_or_path = str(folder)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **extra, **kwargs)
+    with quiet_library_bars(not progress):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **extra, **kwargs)
     model.eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -110,13 +118,14 @@ def load_causal_lm(
     return model, tokenizer
 
 
-def load_bundled(name: str = "smollm2", dtype: torch.dtype = torch.float32):
+def load_bundled(name: str = "smollm2", dtype: torch.dtype = torch.float32, progress: bool = True):
     """Load a bundled offline model by short name; see :func:`load_causal_lm`."""
-    return load_causal_lm(name, dtype=dtype)
+    return load_causal_lm(name, dtype=dtype, progress=progress)
 
 
-def load_model(name_or_path: str):
-    """``(model, tokenizer)`` from a bundled short name (``"smollm2"``, ``"gemma3"``), a Hub id or a folder."""
+def load_model(name_or_path: str, progress: bool = True):
+    """``(model, tokenizer)`` from a bundled short name (``"smollm2"``, ``"gemma3"``), a Hub id or a
+    folder; ``progress=False`` silences the loading bars."""
     if name_or_path in BUNDLED_MODELS:
-        return load_bundled(name_or_path)
-    return load_causal_lm(name_or_path)
+        return load_bundled(name_or_path, progress=progress)
+    return load_causal_lm(name_or_path, progress=progress)
