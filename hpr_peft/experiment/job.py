@@ -157,7 +157,10 @@ def run_main_job(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | N
 def _prepare(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | None, clock: _Clock) -> _Job:
     """Load the model and questions, run the unedited pass (scores + activations), neutral reference."""
     if settings.generation_limit:
-        lm_eval_truthfulqa_metrics()  # fail before the long run when lm-eval is missing
+        try:
+            lm_eval_truthfulqa_metrics()  # fail before the long run when lm-eval is missing
+        except ImportError as exc:
+            raise ImportError(f"{exc}; or run without generation (--generation-questions 0)") from None
     base, tokenizer = (
         model_and_tokenizer
         if model_and_tokenizer is not None
