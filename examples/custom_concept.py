@@ -26,7 +26,9 @@ from hpr_peft import HPRConfig, fit_hpr, load_bundled, load_pairs_jsonl
 
 PAIRS = Path(__file__).parent / "data" / "formal_vs_casual.jsonl"
 N_TRAIN = 40
-ALPHA = 2.0
+ALPHA = 1.0
+# Middle blocks of SmolLM2's 30: the first few carry little meaning, and editing them disturbs everything.
+LAYERS = list(range(8, 24))
 
 
 @torch.no_grad()
@@ -49,10 +51,9 @@ def fraction_flagged(model, tokenizer, text: str, layers: list[int]) -> float:
 
 def reply(model, tokenizer, prompt: str) -> str:
     inputs = tokenizer(prompt, return_tensors="pt")
-    output = model.generate(**inputs, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).split("\n")[
-        0
-    ]
+    output = model.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    text = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return text.strip().split("\n")[0]
 
 
 def main() -> None:
@@ -64,7 +65,7 @@ def main() -> None:
     pairs = load_pairs_jsonl(args.pairs)
     train, held_out = pairs[:N_TRAIN], pairs[N_TRAIN:]
     base, tokenizer = load_bundled("smollm2", progress=False)
-    model = get_peft_model(base, HPRConfig(target_layers="all"))
+    model = get_peft_model(base, HPRConfig(target_layers=LAYERS))
     report = fit_hpr(model, tokenizer, train, top_k=3, epochs=5, progress=False)
     layers = report.selected_layers
     print(f"fitted on {len(train)} pairs; editing layers {layers}")

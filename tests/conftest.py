@@ -23,6 +23,7 @@ SHARED_TRUTHFULQA = REPO_ROOT.parent / "shared" / "data" / "truthfulqa"
 if (SHARED_TRUTHFULQA / "mc_task.json").is_file():
     os.environ.setdefault("HPR_TRUTHFULQA_DIR", str(SHARED_TRUTHFULQA))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models are dominated by thread start-up/sync cost: one intra-op thread makes the suite
 # several times faster on 2 cores and keeps CPU results deterministic.

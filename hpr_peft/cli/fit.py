@@ -153,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
     if rank == 0:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        peft_model.save_pretrained(str(out))
+        peft_model.save_pretrained(str(out), save_embedding_layers=False)
         report.to_json(out / "report.json")
         report.plot_probe_accuracy(out / "probe_accuracy.png")
         print(report)

@@ -421,7 +421,7 @@ def _save_adapter(model: Any, hpr_pick: dict[str, Any], directory: Path) -> None
     )
     tuner.set_selected_layers(hpr_pick["layers"])
     tuner.set_alpha(hpr_pick["alpha"])
-    model.save_pretrained(str(directory))
+    model.save_pretrained(str(directory), save_embedding_layers=False)  # HPR never changes embeddings
     tuner.set_selected_layers(previous_layers)
     tuner.set_alpha(previous_alpha)
 

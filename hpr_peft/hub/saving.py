@@ -44,5 +44,8 @@ def save_adapter_atomic(
             "save_adapter_atomic: safe_serialization=False (pickle) is not supported; use safetensors"
         )
     with atomic_directory(directory, keep_existing=keep_existing, is_stale=_is_stale_pickle) as tmp:
+        # HPR never changes embeddings; without this, peft checks the base's vocabulary and warns when
+        # the base folder has no config.json (a GGUF checkpoint's).
+        kwargs.setdefault("save_embedding_layers", False)
         model.save_pretrained(str(tmp), **kwargs)
     return Path(directory).expanduser().absolute()

@@ -67,7 +67,7 @@ def test_quickstart_fits_and_edits_generation():
 def test_custom_concept_shows_in_monitor_and_generation():
     out = run_example("custom_concept.py")
     assert number_after("casual flagged", out) > number_after("formal flagged", out)
-    assert number_after(r"HPR α=2", out) > number_after("unedited", out)
+    assert number_after(r"HPR α=1", out) > number_after("unedited", out)
     assert out.count("  HPR      :") == 3
 
 

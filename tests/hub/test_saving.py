@@ -149,3 +149,19 @@ def test_keep_existing_false_drops_other_files(tmp_path: Path) -> None:
 
 def test_package_exports_the_same_function() -> None:
     assert hpr_peft.save_adapter_atomic is save_adapter_atomic
+
+
+def test_saving_an_adapter_of_a_gguf_base_warns_nothing(tmp_path: Path) -> None:
+    """A bundled (GGUF) base folder has no config.json; peft's vocabulary check would warn about it."""
+    import warnings
+
+    from peft import get_peft_model
+
+    model = get_peft_model(make_tiny_causal_lm("llama"), HPRConfig(target_layers=[1]))
+    gguf_folder = tmp_path / "gguf_base"
+    gguf_folder.mkdir()
+    model.peft_config["default"].base_model_name_or_path = str(gguf_folder)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_adapter_atomic(model, tmp_path / "adapter")
+    assert [str(w.message) for w in caught] == []
