@@ -4,7 +4,7 @@
 
 Fits HPR probes on TruthfulQA pairs of 40 questions, then, inside ``hpr_peft.monitor(model)`` (probes
 run, nothing is edited), reads the probe probability at the last token of every true and false answer
-of 30 held-out questions. A good detector ranks true answers above false ones: the example prints the
+of 15 held-out questions. A good detector ranks true answers above false ones: the example prints the
 AUROC and how often each kind is flagged (probability below the threshold, i.e. "would be edited").
 
 Runs offline on the bundled SmolLM2-135M-Instruct in about a minute on a laptop CPU.
@@ -43,7 +43,7 @@ def main() -> None:
 
     questions = load_truthfulqa_mc(args.truthfulqa_dir)
     fit_ids = [q.question_id for q in questions[:40]]
-    held_out = questions[40:70]
+    held_out = questions[40:55]
     base, tokenizer = load_bundled("smollm2", progress=False)
     model = get_peft_model(base, HPRConfig(target_layers="all"))
     pairs = load_truthfulqa(args.truthfulqa_dir, question_ids=fit_ids, primer=False, max_pairs_per_question=2)

@@ -32,7 +32,7 @@ def run_example(name: str, *args: str) -> str:
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,  # minutes on a quiet 2-core machine; far more when it is shared
         cwd=str(REPO_ROOT),
     )
     print(f"{name}: {time.perf_counter() - start:.0f} s")
