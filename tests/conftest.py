@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models of several architectures, the bundled SmolLM2, TruthfulQA.
+"""Shared fixtures: tiny random models of several architectures, the bundled SmolLM2, TruthfulQA, a
+local Hub server and this process switched online to talk to it.
 
 The factories themselves live in ``tests/support`` (importable as ``support.*``).
 """
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from support.hub_adapters import TOKEN_A, TOKEN_B
+from support.hub_server import HubServer
 from support.models import make_char_tokenizer, make_tiny_causal_lm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -20,6 +23,7 @@ SHARED_TRUTHFULQA = REPO_ROOT.parent / "shared" / "data" / "truthfulqa"
 if (SHARED_TRUTHFULQA / "mc_task.json").is_file():
     os.environ.setdefault("HPR_TRUTHFULQA_DIR", str(SHARED_TRUTHFULQA))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models are dominated by thread start-up/sync cost: one intra-op thread makes the suite
 # several times faster on 2 cores and keeps CPU results deterministic.
@@ -53,3 +57,26 @@ def smollm2():
 def char_tokenizer():
     """Character-level fast tokenizer matching the tiny models' vocab (128)."""
     return make_char_tokenizer()
+
+
+@pytest.fixture
+def hub():
+    """A fresh local Hub with users alice (TOKEN_A) and bob (TOKEN_B)."""
+    with HubServer() as server:
+        server.add_user("alice", TOKEN_A)
+        server.add_user("bob", TOKEN_B)
+        yield server
+
+
+@pytest.fixture
+def online(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Let this process talk to the local hub: offline switch off, no ambient token. Returns a cache dir."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-here"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"), raising=False)
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    return tmp_path / "cache"

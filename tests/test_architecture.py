@@ -25,8 +25,20 @@ ALLOWED = {
     "fitting": {"rotation", "runtime", "tuner", "data"},
     "evaluation": {"rotation", "runtime", "tuner", "data"},
     "hub": {"runtime", "tuner"},
+    "integrations": {"runtime", "tuner"},
     "experiment": {"rotation", "runtime", "tuner", "data", "fitting", "evaluation", "hub"},
-    "cli": {"rotation", "runtime", "tuner", "data", "fitting", "evaluation", "hub", "experiment", "package"},
+    "cli": {
+        "rotation",
+        "runtime",
+        "tuner",
+        "data",
+        "fitting",
+        "evaluation",
+        "hub",
+        "experiment",
+        "integrations",
+        "package",
+    },
     "package": {"tuner", "cli"},
 }
 MAX_FUNCTION_LINES = 80

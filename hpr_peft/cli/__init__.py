@@ -1,4 +1,5 @@
-"""The ``hpr-peft`` command line: ``fit``, ``eval``, ``push`` and ``main`` (the full TruthfulQA job).
+"""The ``hpr-peft`` command line: ``fit``, ``eval``, ``push``, ``main`` (the full TruthfulQA job) and
+``lm-eval`` (lm-eval's own command line with HPR adapters loadable; its arguments pass through as they are).
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 only the chosen subcommand's module is imported, so ``hpr-peft push`` never pays for the evaluation
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from hpr_peft.cli.errors import run_reporting_errors
 
@@ -19,7 +21,16 @@ _SUBCOMMANDS = {
     "eval": ("hpr_peft.cli.eval", "Evaluate a model / HPR adapter on TruthfulQA MC1/MC2 with side effects."),
     "push": ("hpr_peft.cli.push", "Upload a saved HPR adapter to the Hugging Face Hub with a model card."),
     "main": ("hpr_peft.cli.main_job", "Run the full job: cross-validated fit + evaluation + report."),
+    "lm-eval": (
+        "hpr_peft.cli.lm_eval",
+        "Run lm-evaluation-harness (its own CLI) with HPR adapters loadable.",
+    ),
 }
+_PASSTHROUGH = "lm-eval"
+
+# peft's get_peft_model reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a
+# FutureWarning on every call; the command line hides exactly that one (the library leaves it alone).
+_PEFT_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -39,9 +50,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((arg for arg in argv if not arg.startswith("-")), None)
-    args = build_parser(command if command in _SUBCOMMANDS else None).parse_args(argv)
-    return run_reporting_errors(args.command, args._run, args)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_PEFT_DEPRECATION, category=FutureWarning)
+        if argv[:1] == [_PASSTHROUGH]:
+            from hpr_peft.cli.lm_eval import run_passthrough
+
+            return run_passthrough(argv[1:])
+        command = next((arg for arg in argv if not arg.startswith("-")), None)
+        args = build_parser(command if command in _SUBCOMMANDS else None).parse_args(argv)
+        return run_reporting_errors(args.command, args._run, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

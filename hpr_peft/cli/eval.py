@@ -90,12 +90,15 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     alpha, question_ids = _check_before_loading(args)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, progress=not args.no_progress)
     context = None
     if args.adapter:
         from hpr_peft.hub import load_adapter
 
-        model = load_adapter(model, args.adapter)
+        from hpr_peft.runtime.progress import quiet_library_bars
+
+        with quiet_library_bars(args.no_progress):
+            model = load_adapter(model, args.adapter)
         model.eval()
         if alpha is not None:
             from hpr_peft.tuner.control import edit_settings

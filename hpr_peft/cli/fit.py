@@ -153,7 +153,11 @@ def _run(args: argparse.Namespace) -> int:
     rank, _ = ensure_distributed()
     extra = {"device_map": args.device_map} if args.device_map else {}
     model, tokenizer = load_causal_lm(
-        args.model, gguf_file=args.gguf_file, dtype=getattr(torch, args.dtype), **extra
+        args.model,
+        gguf_file=args.gguf_file,
+        dtype=getattr(torch, args.dtype),
+        progress=not args.no_progress,
+        **extra,
     )
     peft_model = get_peft_model(model, HPRConfig(target_layers=args.layers))
     report = fit_hpr(

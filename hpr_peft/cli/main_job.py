@@ -82,6 +82,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="use only the first N paragraphs of the neutral corpus (faster side effects)",
     )
+    parser.add_argument(
+        "--generation-questions",
+        type=int,
+        default=None,
+        help="held-out questions answered by greedy generation per method, scored with lm-eval's "
+        "truthfulqa_gen metrics (default 40; 0 = no generation)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="generation length cap (default 64)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -107,6 +115,8 @@ def settings_from_args(args: argparse.Namespace):
         "epochs": args.epochs,
         "neutral_paragraphs": args.neutral_paragraphs,
         "threads": args.threads,
+        "generation_questions": args.generation_questions,
+        "max_new_tokens": args.max_new_tokens,
     }
     for name, value in MODEL_DEFAULTS.get(args.model, {}).items():
         if overrides.get(name) is None:

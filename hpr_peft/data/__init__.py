@@ -2,7 +2,8 @@
 
 - :mod:`~hpr_peft.data.prompts`: the one definition of the prompt formats (``qa``, ``mc_chat``).
 - :mod:`~hpr_peft.data.pairs`: :class:`ContrastivePair` and its JSONL file format.
-- :mod:`~hpr_peft.data.truthfulqa`: :class:`MCQuestion`, question ids, TruthfulQA questions and pairs.
+- :mod:`~hpr_peft.data.truthfulqa`: :class:`MCQuestion`, question ids, TruthfulQA questions and
+  pairs, :class:`GenerationQuestion` (reference answers for generation).
 - :mod:`~hpr_peft.data.splits`: group splits and folds that keep an example on one side.
 """
 
@@ -35,9 +36,11 @@ from hpr_peft.data.truthfulqa import (
     FORMATS,
     HUB_DATASET_ID,
     TRUTHFULQA_DIR_ENV,
+    GenerationQuestion,
     MCQuestion,
     default_truthfulqa_dir,
     load_truthfulqa,
+    load_truthfulqa_generation,
     load_truthfulqa_mc,
     truthfulqa_question_id,
 )
@@ -52,6 +55,7 @@ __all__ = [
     "TRUTHFULQA_DIR_ENV",
     "ContrastivePair",
     "Fold",
+    "GenerationQuestion",
     "GroupSplit",
     "MCQuestion",
     "answer_continuation",
@@ -66,6 +70,7 @@ __all__ = [
     "load_pairs_jsonl",
     "load_split",
     "load_truthfulqa",
+    "load_truthfulqa_generation",
     "load_truthfulqa_mc",
     "mc_chat_prompt",
     "qa_prompt",

@@ -38,9 +38,11 @@ __all__ = [
     "FORMATS",
     "HUB_DATASET_ID",
     "TRUTHFULQA_DIR_ENV",
+    "GenerationQuestion",
     "MCQuestion",
     "default_truthfulqa_dir",
     "load_truthfulqa",
+    "load_truthfulqa_generation",
     "load_truthfulqa_mc",
     "truthfulqa_question_id",
 ]
@@ -406,6 +408,39 @@ def _keep_questions(
             f"{sorted(unknown)[:3]}; ids look like 'tqa-0000' (see load_truthfulqa_mc)."
         )
     return [item for item in items if item.question_id in wanted]
+
+
+@dataclass(frozen=True)
+class GenerationQuestion:
+    """A TruthfulQA question with the reference answers generation is scored against (the CSV's
+    ``Correct Answers`` / ``Incorrect Answers``, as in the Hub dataset's ``generation`` config)."""
+
+    question_id: str
+    question: str
+    correct_answers: tuple[str, ...]
+    incorrect_answers: tuple[str, ...]
+
+
+def load_truthfulqa_generation(
+    source: str | os.PathLike | None = None, question_ids: Iterable[str] | None = None
+) -> list[GenerationQuestion]:
+    """TruthfulQA's questions with their true and false reference answers, for generation.
+
+    ``source``: a folder with ``TruthfulQA.csv`` beside ``mc_task.json`` (default
+    ``$HPR_TRUTHFULQA_DIR``) or the Hub id (config ``generation``). Ids are those of
+    :func:`load_truthfulqa_mc` (matched by question text), in CSV order; ``question_ids`` keeps only
+    those. Answers are kept as the file lists them (lm-eval formats them when it scores).
+    """
+    questions = load_truthfulqa_mc(source)
+    kind, where = _resolve_source(source)
+    rows = _hub_csv_rows(where) if kind == "hub" else _csv_rows(Path(where))
+    items = _keep_questions(_match_csv(rows, questions, stacklevel=2), question_ids)
+    return [
+        GenerationQuestion(
+            item.question_id, item.question, tuple(item.true_answers), tuple(item.false_answers)
+        )
+        for item in items
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------

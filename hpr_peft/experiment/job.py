@@ -14,9 +14,11 @@ Protocol:
    ``KL ≤ kl_budget`` is chosen (nested: the scored fold never influences any choice).
 4. The chosen settings are scored once on the held-out fold. Scores are per question, so the result
    over all folds is a mean ± standard error over all questions; KL / perplexity are averaged over folds.
+5. Generation (``generation_questions``, default 40): unedited, additive and HPR answer a held-out subset
+   greedily, scored by lm-eval's ``truthfulqa_gen`` metrics (:mod:`hpr_peft.experiment.generations`).
 
 Outputs in ``output_dir``: ``results.json`` (everything, incl. split ids and per-fold numbers),
-``results.md`` (the table), ``pareto_mc2_kl.png``, ``probe_accuracy.png``, ``hpr_monitor.png`` and
+``results.md`` (the tables, with the generations side by side), ``pareto_mc2_kl.png``, ``probe_accuracy.png``, ``hpr_monitor.png`` and
 ``adapter/`` (the HPR adapter of the fold with the best validation MC2, with its chosen layers / alpha).
 """
 
@@ -36,10 +38,26 @@ from typing import Any
 import torch
 from peft import get_peft_model
 
-from hpr_peft.data import Fold, MCQuestion, kfold_groups, load_truthfulqa, load_truthfulqa_mc, split_groups
+from hpr_peft.data import (
+    Fold,
+    GenerationQuestion,
+    MCQuestion,
+    kfold_groups,
+    load_truthfulqa,
+    load_truthfulqa_generation,
+    load_truthfulqa_mc,
+    split_groups,
+)
+from hpr_peft.evaluation.generation import lm_eval_truthfulqa_metrics
 from hpr_peft.evaluation.mc_metrics import MCResult
 from hpr_peft.evaluation.side_effects import NeutralText, load_neutral_paragraphs
 from hpr_peft.evaluation.truthfulqa import TruthfulQAScorer
+from hpr_peft.experiment.generations import (
+    format_generation_tables,
+    generate_held_out,
+    generation_subset,
+    summarize_generations,
+)
 from hpr_peft.experiment.methods import METHODS, EditSetting, pick_within_budget, sweep_settings
 from hpr_peft.experiment.settings import JobSettings
 from hpr_peft.experiment.table import chance_levels, format_table
@@ -49,6 +67,7 @@ from hpr_peft.hub.shareable import save_shareable_adapter
 from hpr_peft.runtime.atomic_files import check_output_path, write_text_atomic
 from hpr_peft.runtime.blocks import find_decoder_stack
 from hpr_peft.runtime.bundled_models import load_model
+from hpr_peft.runtime.model_io import unedited_context
 from hpr_peft.runtime.progress import progress_bar
 from hpr_peft.tuner import HPRConfig
 from hpr_peft.tuner.control import edit_settings, monitor
@@ -87,6 +106,7 @@ class _Job:
     neutral: NeutralText
     reference_perplexity: float
     tokens_per_pass: int
+    generation_questions: dict[str, GenerationQuestion] = field(default_factory=dict)
 
     def questions_of(self, ids: list[str]) -> list[MCQuestion]:
         by_id = {q.question_id: q for q in self.questions}
@@ -103,6 +123,7 @@ class _FoldOutcome:
     sweep: list[dict[str, Any]]
     probe_accuracy: dict[int, float]
     monitor: dict[str, Any] = field(default_factory=dict)
+    generations: dict[str, Any] = field(default_factory=dict)
 
 
 def run_main_job(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | None = None) -> dict[str, Any]:
@@ -138,7 +159,16 @@ def run_main_job(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | N
 
 def _prepare(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | None, clock: _Clock) -> _Job:
     """Load the model and questions, run the unedited pass (scores + activations), neutral reference."""
-    base, tokenizer = model_and_tokenizer if model_and_tokenizer is not None else load_model(settings.model)
+    if settings.generation_limit:
+        try:
+            lm_eval_truthfulqa_metrics()  # fail before the long run when lm-eval is missing
+        except ImportError as exc:
+            raise ImportError(f"{exc}; or run without generation (--generation-questions 0)") from None
+    base, tokenizer = (
+        model_and_tokenizer
+        if model_and_tokenizer is not None
+        else load_model(settings.model, settings.progress)
+    )
     clock.lap("load_model")
     questions = _questions(settings)
     ids = [q.question_id for q in questions]
@@ -181,7 +211,15 @@ def _prepare(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | None,
         neutral,
         reference_perplexity,
         scorer.n_tokens,
+        _generation_questions(settings, ids),
     )
+
+
+def _generation_questions(settings: JobSettings, ids: list[str]) -> dict[str, GenerationQuestion]:
+    """The questions with their reference answers, by id (none when generation is off)."""
+    if not settings.generation_limit:
+        return {}
+    return {q.question_id: q for q in load_truthfulqa_generation(settings.truthfulqa_dir, question_ids=ids)}
 
 
 def _questions(settings: JobSettings) -> list[MCQuestion]:
@@ -265,7 +303,22 @@ def _run_fold(job: _Job, fold: Fold, clock: _Clock) -> _FoldOutcome:
     _score_held_out(job, fold, chosen, settings_swept, outcome)
     clock.lap("score_held_out")
     outcome.monitor = _monitor_held_out(job, fold, chosen["hpr"], outcome)
+    contexts = {m: _setting_of(pick, settings_swept).context(job.model) for m, pick in chosen.items()}
+    outcome.generations = _generate(job, fold, {"unedited": unedited_context(job.model), **contexts})
+    clock.lap("generation")
     return outcome
+
+
+def _generate(job: _Job, fold: Fold, contexts: dict[str, Any]) -> dict[str, Any]:
+    """Each method's answers to the fold's generation subset (none when generation is off)."""
+    s = job.settings
+    ids = generation_subset(list(fold.test), s.generation_limit, s.folds)
+    if not ids:
+        return {}
+    questions = [job.generation_questions[i] for i in ids]
+    return generate_held_out(
+        job.model, job.tokenizer, questions, contexts, s.max_new_tokens, s.progress, f"fold {fold.index}"
+    )
 
 
 def _validation_sweep(
@@ -416,7 +469,9 @@ def _results(job: _Job, outcomes: list[_FoldOutcome], clock: _Clock) -> dict[str
     for method in METHODS:
         methods[method] = _method_summary(job, outcomes, method)
     clock.timings["total"] = time.perf_counter() - clock.start
+    generations = [o.generations for o in outcomes if o.generations]
     return {
+        "generation": summarize_generations(generations, job.generation_questions) if generations else None,
         "settings": asdict(job.settings),
         "model": job.settings.model,
         "n_questions": len(job.questions),
@@ -440,6 +495,8 @@ def _results(job: _Job, outcomes: list[_FoldOutcome], clock: _Clock) -> dict[str
 def _write_outputs(results: dict[str, Any], probe_accuracy, monitor_data, out_dir: Path) -> None:
     write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1, default=_json_default))
     table = format_table(results)
+    if results.get("generation"):
+        table += "\n\n" + format_generation_tables(results["generation"])
     write_text_atomic(out_dir / "results.md", table + "\n")
     _plots(results, probe_accuracy, monitor_data, out_dir)
     print(table)

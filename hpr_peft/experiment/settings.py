@@ -47,6 +47,8 @@ class JobSettings:
     neutral_paragraphs: int | None = None
     threads: int | None = None
     progress: bool = True
+    generation_questions: int = 40
+    max_new_tokens: int = 64
 
     def validate(self) -> None:
         if self.folds < 2:
@@ -66,8 +68,19 @@ class JobSettings:
             check_selection(top_k, None)
         if self.kl_budget <= 0:
             raise ValueError(f"kl_budget must be > 0, got {self.kl_budget}.")
+        if self.generation_questions < 0:
+            raise ValueError(
+                f"generation_questions must be >= 0 (0: no generation), got {self.generation_questions}."
+            )
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
 
     @property
     def question_limit(self) -> int | None:
         """How many questions the run scores (None: all)."""
         return self.quick_questions if self.quick else self.max_questions
+
+    @property
+    def generation_limit(self) -> int:
+        """How many held-out questions get generations (all folds together; a few when ``quick``)."""
+        return min(self.generation_questions, 4) if self.quick else self.generation_questions

@@ -167,7 +167,9 @@ def _save_peft_model(model: Any, directory: Path, adapter_name: str | None) -> P
         raise ValueError(
             f"push_to_hub: adapter {adapter_name!r} is a {peft_type} adapter, not HPR; use model.push_to_hub for it"
         )
-    model.save_pretrained(str(directory), selected_adapters=[adapter_name], safe_serialization=True)
+    model.save_pretrained(
+        str(directory), selected_adapters=[adapter_name], safe_serialization=True, save_embedding_layers=False
+    )
     sub = directory / adapter_name
     return sub if adapter_name != "default" and (sub / CONFIG_NAME).is_file() else directory
 

@@ -60,6 +60,9 @@ def save_adapter_atomic(
     for name in names:
         validate_adapter_name(name)
     with atomic_directory(directory, keep_existing=keep_existing, is_stale=_is_stale_pickle) as tmp:
+        # HPR never changes embeddings; without this, peft checks the base's vocabulary and warns when
+        # the base folder has no config.json (a GGUF checkpoint's).
+        kwargs.setdefault("save_embedding_layers", False)
         model.save_pretrained(str(tmp), **kwargs)
         if add_files is not None:
             add_files(tmp)

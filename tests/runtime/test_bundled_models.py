@@ -20,10 +20,14 @@ def test_load_model_dispatches_by_name(monkeypatch, name, loader):
     calls = []
     for attribute in ("load_bundled", "load_causal_lm"):
         monkeypatch.setattr(
-            bundled_models, attribute, lambda n, _a=attribute: calls.append((_a, n)) or ("model", "tok")
+            bundled_models,
+            attribute,
+            lambda n, _a=attribute, **options: calls.append((_a, n, options)) or ("model", "tok"),
         )
     assert bundled_models.load_model(name) == ("model", "tok")
-    assert calls == [(loader, name)]
+    assert calls == [(loader, name, {"progress": True})]
+    assert bundled_models.load_model(name, progress=False) == ("model", "tok")
+    assert calls[-1] == (loader, name, {"progress": False})
 
 
 @pytest.mark.slow
