@@ -94,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
     context = None
     if args.adapter:
         from hpr_peft.hub import load_adapter
-
         from hpr_peft.runtime.progress import quiet_library_bars
 
         with quiet_library_bars(args.no_progress):
