@@ -479,10 +479,10 @@ VALUES = [
         r"pairs.jsonl: line 2: group '1' \(a string\) and group 1 at .*line 1 \(a number\) would silently",
     ),
     Row(
-        "job-alpha-nan",
-        lambda k: JobSettings(hpr_alphas=(1.0, math.nan)).validate(),
+        "job-kl-target-nan",
+        lambda k: JobSettings(kl_targets=(0.05, math.nan)).validate(),
         ValueError,
-        r"alpha must be a finite number",
+        r"target_kl must be a finite number",
     ),
     Row(
         "job-top-k-true",
@@ -606,9 +606,9 @@ CLI = [
         r"/file: it is a file",
     ),
     Command(
-        "main-alpha-nan",
-        lambda k: ["main", "--hpr-alphas", "1,nan", "--output", str(k.tmp / "job")],
-        r"alpha must be a finite",
+        "main-kl-target-nan",
+        lambda k: ["main", "--kl-targets", "0.05,nan", "--output", str(k.tmp / "job")],
+        r"target_kl must be a finite",
     ),
     Command(
         "push-missing-directory",

@@ -56,22 +56,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what the angle nets learn: the paper's angle(x-, x+) or the probe-consistent angle (default paper)",
     )
     parser.add_argument(
-        "--hpr-alphas", type=_floats, default=None, help="HPR strengths to sweep (default 0.5,1,2)"
-    )
-    parser.add_argument(
-        "--additive-alphas",
+        "--kl-targets",
         type=_floats,
         default=None,
-        help="multiples of the per-layer std of projections (normalised vectors; default 0.25,0.5,1)",
+        help="side-effect budgets: each method's strength is calibrated to each KL(edited || unedited) "
+        "on neutral text, and methods are compared at each (default 0.05,0.1)",
     )
     parser.add_argument(
-        "--top-k", type=_ints, default=None, help="numbers of layers to try, e.g. 3,5 (default 3)"
+        "--layer-search",
+        choices=["effect", "probe"],
+        default=None,
+        help="choose edited layers by validation MC2 at matched KL (effect, default) or by probe accuracy",
     )
     parser.add_argument(
-        "--kl-budget",
+        "--screen-layers", type=int, default=None, help="single layers screened by effect (default 6)"
+    )
+    parser.add_argument(
+        "--screen-questions",
+        type=int,
+        default=None,
+        help="validation questions used to screen single layers (default 80)",
+    )
+    parser.add_argument(
+        "--top-k", type=_ints, default=None, help="sizes of the layer sets to try, e.g. 1,3 (default 1,3)"
+    )
+    parser.add_argument(
+        "--calibration-tolerance",
         type=float,
         default=None,
-        help="settings are chosen on validation data among those with KL <= this (default 0.1)",
+        help="calibrated KL lies in [target*(1-tolerance), target] (default 0.1)",
     )
     parser.add_argument("--validation-fraction", type=float, default=None)
     parser.add_argument("--max-validation-questions", type=int, default=None)
@@ -106,10 +119,12 @@ def settings_from_args(args: argparse.Namespace):
         "max_questions": args.max_questions,
         "token_selection": args.token_selection,
         "angle_target": args.angle_target,
-        "hpr_alphas": args.hpr_alphas,
-        "additive_alphas": args.additive_alphas,
+        "kl_targets": args.kl_targets,
+        "layer_search": args.layer_search,
+        "screen_layers": args.screen_layers,
+        "screen_questions": args.screen_questions,
         "top_ks": args.top_k,
-        "kl_budget": args.kl_budget,
+        "calibration_tolerance": args.calibration_tolerance,
         "validation_fraction": args.validation_fraction,
         "max_validation_questions": args.max_validation_questions,
         "epochs": args.epochs,

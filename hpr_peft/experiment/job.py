@@ -1,24 +1,26 @@
 """The full TruthfulQA job: cross-validated HPR fit, additive baseline, nested selection, report, plots.
 
-Protocol:
+Protocol (every choice on validation data; each held-out fold is scored once):
 
 1. k folds by question (default 2 over all 817, seeded; ids saved in ``results.json``).
 2. One unedited scoring pass over all questions also records the fitting activations of every
    (question, answer) sequence at all layers (:class:`hpr_peft.fitting.AnswerCollector`); they do
    not depend on the fold, and each fold uses only its training questions' rows.
-3. Per fold the training questions are split again into fit / validation questions. HPR editors are
-   trained on the fit part (all layers), layers are ranked by validation probe accuracy, and every
-   setting (``top_k`` layers × ``alpha``) of HPR and of the additive mean-difference baseline (same
-   layers, vectors from the same fit activations) is scored on the validation questions with its side
-   effects (KL on neutral text). Per method the setting with the best validation MC2 among those with
-   ``KL ≤ kl_budget`` is chosen (nested: the scored fold never influences any choice).
-4. The chosen settings are scored once on the held-out fold. Scores are per question, so the result
-   over all folds is a mean ± standard error over all questions; KL / perplexity are averaged over folds.
-5. Generation (``generation_questions``, default 40): unedited, additive and HPR answer a held-out subset
-   greedily, scored by lm-eval's ``truthfulqa_gen`` metrics (:mod:`hpr_peft.experiment.generations`).
+3. Per fold the training questions are split into fit / validation questions (default half and half,
+   at most 200 validation). HPR editors are trained on the fit part (all layers). Then, for HPR and for
+   the additive mean-difference baseline alike (:mod:`hpr_peft.experiment.sweep`): single layers are
+   screened by validation MC2 at the smallest KL target (``layer_search="effect"``; or the layers are
+   ranked by probe accuracy, ``"probe"``); each candidate layer set (top-k by effect, and the probe's
+   top-k for comparison) has its α calibrated to each KL target on the calibration neutral text and is
+   scored on the validation questions; per method and target the best validation MC2 is chosen.
+4. The choices are scored once on the held-out fold, their KL measured on a second neutral text that
+   calibration never saw. Paired bootstrap CIs by question give HPR − additive, HPR − unedited and
+   additive − unedited at each matched KL, per fold and pooled (:mod:`hpr_peft.experiment.comparison`).
+5. Generation (``generation_questions``, default 40): unedited, additive and HPR (at the largest KL
+   target) answer a held-out subset greedily, scored by lm-eval's ``truthfulqa_gen`` metrics.
 
 Outputs in ``output_dir``: ``results.json`` (everything, incl. split ids and per-fold numbers),
-``results.md`` (the tables, with the generations side by side), ``pareto_mc2_kl.png``, ``probe_accuracy.png``, ``hpr_monitor.png`` and
+``results.md`` (the tables, with the generations side by side), ``matched_kl.png``, ``pareto_mc2_kl.png``, ``probe_accuracy.png``, ``hpr_monitor.png`` and
 ``adapter/`` (the HPR adapter of the fold with the best validation MC2, with its chosen layers / alpha).
 """
 
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
 import random
@@ -58,7 +59,10 @@ from hpr_peft.experiment.generations import (
     generation_subset,
     summarize_generations,
 )
-from hpr_peft.experiment.methods import METHODS, EditSetting, pick_within_budget, sweep_settings
+from hpr_peft.experiment.comparison import compare, method_summary
+from hpr_peft.experiment.layer_search import effect_ranking, layer_sets, ranking_comparison, screening_pool
+from hpr_peft.experiment.methods import METHODS, EditCandidate, candidates_for
+from hpr_peft.experiment.sweep import BudgetedMeasure, Measurement, best_per_target, result_key
 from hpr_peft.experiment.settings import JobSettings
 from hpr_peft.experiment.table import chance_levels, format_table
 from hpr_peft.fitting import AnswerCollector, PairActivations, fit_hpr
@@ -104,7 +108,7 @@ class _Job:
     activations: PairActivations
     unedited: MCResult
     neutral: NeutralText
-    reference_perplexity: float
+    heldout_neutral: NeutralText
     tokens_per_pass: int
     generation_questions: dict[str, GenerationQuestion] = field(default_factory=dict)
 
@@ -124,6 +128,7 @@ class _FoldOutcome:
     probe_accuracy: dict[int, float]
     monitor: dict[str, Any] = field(default_factory=dict)
     generations: dict[str, Any] = field(default_factory=dict)
+    chosen_hpr: Measurement | None = None
 
 
 def run_main_job(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | None = None) -> dict[str, Any]:
@@ -143,9 +148,9 @@ def run_main_job(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | N
     outcomes, best_val, monitor_data = [], -1.0, {}
     for fold in job.folds:
         outcome = _run_fold(job, fold, clock)
-        chosen_hpr = outcome.report["chosen"]["hpr"]
-        if chosen_hpr["mc2"] > best_val:
-            best_val, monitor_data = chosen_hpr["mc2"], outcome.monitor
+        chosen_hpr = outcome.chosen_hpr
+        if chosen_hpr is not None and chosen_hpr.result.mc2_mean > best_val:  # type: ignore[union-attr]
+            best_val, monitor_data = chosen_hpr.result.mc2_mean, outcome.monitor  # type: ignore[union-attr]
             _save_adapter(job.model, chosen_hpr, out_dir / "adapter")
             outcome.report["saved_adapter"] = True
         clock.lap("monitor_and_save")
@@ -192,8 +197,11 @@ def _prepare(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | None,
     )
     activations = collector.pair_activations(pairs)
     clock.lap("score_unedited_and_collect")
-    neutral = NeutralText(tokenizer, _neutral_paragraphs(settings))
-    reference_perplexity = neutral.compute_reference(model, model.disable_adapter)
+    # α is calibrated on one neutral text; the held-out side effects are measured on another.
+    neutral = NeutralText(tokenizer, _neutral_paragraphs(settings, "calibration"))
+    neutral.compute_reference(model, model.disable_adapter)
+    heldout_neutral = NeutralText(tokenizer, _neutral_paragraphs(settings, "heldout"))
+    heldout_neutral.compute_reference(model, model.disable_adapter)
     clock.lap("neutral_reference")
     print(
         f"[hpr-peft main] unedited pass: {unedited.seconds:.1f}s for {len(questions)} questions "
@@ -209,7 +217,7 @@ def _prepare(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | None,
         activations,
         unedited,
         neutral,
-        reference_perplexity,
+        heldout_neutral,
         scorer.n_tokens,
         _generation_questions(settings, ids),
     )
@@ -232,8 +240,8 @@ def _questions(settings: JobSettings) -> list[MCQuestion]:
     return questions
 
 
-def _neutral_paragraphs(settings: JobSettings) -> list[str]:
-    paragraphs = load_neutral_paragraphs()
+def _neutral_paragraphs(settings: JobSettings, which: str) -> list[str]:
+    paragraphs = load_neutral_paragraphs(which=which)
     if settings.quick or settings.neutral_paragraphs:
         paragraphs = paragraphs[: settings.neutral_paragraphs or 3]
     return paragraphs
@@ -257,8 +265,8 @@ def _fit_and_validation_ids(settings: JobSettings, fold: Fold) -> tuple[list[str
 
 
 def _run_fold(job: _Job, fold: Fold, clock: _Clock) -> _FoldOutcome:
-    """Fit on the fold's fit questions, choose per method on its validation questions, score once on
-    its held-out questions."""
+    """Fit on the fold's fit questions; per method and KL target choose layers and α on its validation
+    questions only; score each choice once on its held-out questions."""
     s = job.settings
     fit_ids, val_ids = _fit_and_validation_ids(s, fold)
     fit_acts = job.activations.select_groups(fit_ids)
@@ -274,39 +282,101 @@ def _run_fold(job: _Job, fold: Fold, clock: _Clock) -> _FoldOutcome:
     )
     clock.lap("fit")
     accuracies = {r.layer: float(r.selection_accuracy) for r in fit_report.layers}
-    ranking = rank_layers(fit_report.layers)
-    settings_swept = sweep_settings(
-        ranking, s.top_ks, s.hpr_alphas, s.additive_alphas, fit_acts, s.normalize_additive
+    search = _FoldSearch(
+        job, fold.index, job.questions_of(val_ids), fit_acts, rank_layers(fit_report.layers), accuracies
     )
-    rows = _validation_sweep(job, fold.index, settings_swept, job.questions_of(val_ids))
+    chosen = {method: search.choose(method) for method in METHODS}
     clock.lap("validation_sweep")
-    chosen = {
-        method: pick_within_budget([r for r in rows if r["method"] == method], s.kl_budget)
-        for method in METHODS
-    }
-    for pick in chosen.values():
-        pick["chosen"] = True
     report = {
         "fold": fold.index,
         "test_ids": list(fold.test),
         "fit_ids": fit_ids,
         "validation_ids": val_ids,
         "probe_accuracy": accuracies,
-        "layer_ranking": ranking,
+        "layer_ranking": search.probe_ranking,
+        "ranking_comparison": search.comparisons,
         "validation_unedited": job.unedited.subset(val_ids).summary(),
-        "validation_sweep": rows,
+        "validation_sweep": search.rows(),
         "chosen": {},
         "held_out": {},
         "fit_report": fit_report.to_dict(),
     }
-    outcome = _FoldOutcome(report, {}, {}, list(rows), accuracies)
-    _score_held_out(job, fold, chosen, settings_swept, outcome)
+    outcome = _FoldOutcome(report, {}, {}, search.rows(), accuracies)
+    _score_held_out(job, fold, chosen, outcome)
     clock.lap("score_held_out")
-    outcome.monitor = _monitor_held_out(job, fold, chosen["hpr"], outcome)
-    contexts = {m: _setting_of(pick, settings_swept).context(job.model) for m, pick in chosen.items()}
+    largest = {m: chosen[m].get(max(s.kl_targets)) for m in METHODS}
+    outcome.chosen_hpr = largest["hpr"]
+    if largest["hpr"] is not None:
+        outcome.monitor = _monitor_held_out(job, fold, list(largest["hpr"].candidate.layers), outcome)
+    contexts = {m: pick.candidate.at(job.model, pick.alpha) for m, pick in largest.items() if pick is not None}
     outcome.generations = _generate(job, fold, {"unedited": unedited_context(job.model), **contexts})
     clock.lap("generation")
     return outcome
+
+
+class _FoldSearch:
+    """One fold's validation search: per method, layer sets (by effect or probe accuracy), each
+    calibrated to every KL target and scored on the validation questions."""
+
+    def __init__(
+        self,
+        job: _Job,
+        fold_index: int,
+        validation: list[MCQuestion],
+        fit_activations: PairActivations,
+        probe_ranking: list[int],
+        probe_accuracy: dict[int, float],
+    ) -> None:
+        s = job.settings
+        self.job, self.fold_index, self.fit_activations = job, fold_index, fit_activations
+        self.probe_ranking = probe_ranking
+        self.measure = BudgetedMeasure(job.model, job.neutral, s.calibration_tolerance, s.max_alpha)
+        self.validation = TruthfulQAScorer(job.tokenizer, validation)
+        self.screen = TruthfulQAScorer(job.tokenizer, validation[: s.screen_questions])
+        self.probe_accuracy = probe_accuracy
+        self.comparisons: dict[str, Any] = {}
+
+    def _candidates(self, method: str, layer_sets: list[tuple[int, ...]]) -> list[EditCandidate]:
+        s = self.job.settings
+        return candidates_for(method, layer_sets, self.fit_activations, s.normalize_additive)
+
+    def layer_sets(self, method: str) -> list[tuple[int, ...]]:
+        """The candidate layer sets of ``method``: the top-k by effect (after screening single layers
+        at the smallest KL target) plus the probe's top-k for comparison; or only the probe's."""
+        s = self.job.settings
+        by_probe = layer_sets(self.probe_ranking, s.top_ks)
+        if s.layer_search == "probe":
+            return by_probe
+        pool = screening_pool(len(self.probe_ranking), s.screen_layers)
+        singles = self._candidates(method, [(i,) for i in pool])
+        target = min(s.kl_targets)
+        bar = progress_bar(len(singles), f"fold {self.fold_index} {method} layer screen", s.progress)
+        screen = []
+        for candidate in singles:
+            screen.append(self.measure.measure(candidate, target, self.screen, "screen"))
+            bar.update(1)
+        bar.close()
+        self.comparisons[method] = ranking_comparison(screen, self.probe_accuracy)
+        return [*layer_sets(effect_ranking(screen), s.top_ks), by_probe[-1]]
+
+    def choose(self, method: str) -> dict[float, Measurement | None]:
+        """Per KL target the candidate of ``method`` with the best validation MC2 at that budget."""
+        s = self.job.settings
+        candidates = self._candidates(method, self.layer_sets(method))
+        bar = progress_bar(
+            len(candidates) * len(s.kl_targets), f"fold {self.fold_index} {method} validation", s.progress
+        )
+        measured = []
+        for candidate in candidates:
+            for target in s.kl_targets:
+                measured.append(self.measure.measure(candidate, target, self.validation, "validation"))
+                bar.update(1)
+        bar.close()
+        return best_per_target(measured, s.kl_targets)
+
+    def rows(self) -> list[dict[str, Any]]:
+        unedited = self.job.unedited
+        return [m.row(self.fold_index, unedited) for m in self.measure.measured.values()]
 
 
 def _generate(job: _Job, fold: Fold, contexts: dict[str, Any]) -> dict[str, Any]:
@@ -321,109 +391,66 @@ def _generate(job: _Job, fold: Fold, contexts: dict[str, Any]) -> dict[str, Any]
     )
 
 
-def _validation_sweep(
-    job: _Job, fold_index: int, settings_swept: list[EditSetting], questions: list[MCQuestion]
-) -> list[dict[str, Any]]:
-    """Score every setting on the validation questions, with its side effects."""
-    scorer = TruthfulQAScorer(job.tokenizer, questions)
-    rows = []
-    bar = progress_bar(len(settings_swept), f"fold {fold_index} validation sweep", job.settings.progress)
-    for setting in settings_swept:
-        context = setting.context(job.model)
-        result = scorer.score(job.model, context=context, progress=False)
-        side = job.neutral.measure(job.model, context)
-        rows.append(
-            {
-                "method": setting.method,
-                "fold": fold_index,
-                "split": "validation",
-                "top_k": setting.top_k,
-                "layers": list(setting.layers),
-                "alpha": setting.alpha,
-                "mc1": result.mc1_mean,
-                "mc2": result.mc2_mean,
-                "kl": side.kl,
-                "perplexity": side.perplexity,
-                "label": setting.label,
-            }
-        )
-        bar.update(1)
-    bar.close()
-    return rows
-
-
-def _setting_of(row: dict[str, Any], settings_swept: list[EditSetting]) -> EditSetting:
-    return next(
-        s
-        for s in settings_swept
-        if s.method == row["method"] and s.top_k == row["top_k"] and s.alpha == row["alpha"]
-    )
-
-
 def _score_held_out(
-    job: _Job,
-    fold: Fold,
-    chosen: dict[str, dict[str, Any]],
-    settings_swept: list[EditSetting],
-    outcome: _FoldOutcome,
+    job: _Job, fold: Fold, chosen: dict[str, dict[float, Measurement | None]], outcome: _FoldOutcome
 ) -> None:
-    """Score each method's chosen setting once on the held-out questions."""
+    """Score each method's choice at each KL target once on the held-out questions; its side effects
+    are measured on the held-out neutral text, which calibration never saw."""
     scorer = TruthfulQAScorer(job.tokenizer, job.questions_of(list(fold.test)))
-    unedited = job.unedited.subset(list(fold.test))
-    for method, pick in chosen.items():
-        context = _setting_of(pick, settings_swept).context(job.model)
-        result = scorer.score(
-            job.model, context=context, progress=job.settings.progress, desc=f"fold {fold.index} {method}"
-        )
-        side = job.neutral.measure(job.model, context).to_dict()
-        outcome.held_out[method] = result
-        outcome.side_effects[method] = side
-        outcome.report["chosen"][method] = {
-            k: pick[k] for k in ("top_k", "layers", "alpha", "mc1", "mc2", "kl")
-        }
-        outcome.report["held_out"][method] = {
-            **result.summary(),
-            **side,
-            "unedited_mc1": unedited.mc1_mean,
-            "unedited_mc2": unedited.mc2_mean,
-        }
-        outcome.sweep.append(
-            {
-                "method": method,
-                "fold": fold.index,
-                "split": "held-out",
-                "mc1": result.mc1_mean,
-                "mc2": result.mc2_mean,
-                "kl": side["kl"],
-                "label": pick["label"],
-                "chosen": True,
+    for method, picks in chosen.items():
+        for target, pick in picks.items():
+            key = result_key(method, target)
+            if pick is None:
+                outcome.report["chosen"][key] = None
+                continue
+            context = pick.candidate.at(job.model, pick.alpha)
+            result = scorer.score(
+                job.model, context=context, progress=job.settings.progress, desc=f"fold {fold.index} {key}"
+            )
+            side = job.heldout_neutral.measure(job.model, context).to_dict()
+            outcome.held_out[key] = result
+            outcome.side_effects[key] = side
+            outcome.report["chosen"][key] = {
+                **pick.row(fold.index, job.unedited),
+                "calibration": pick.calibration.to_dict() if pick.calibration else None,
             }
-        )
+            outcome.report["held_out"][key] = {**result.summary(), **side}
+            outcome.sweep.append(
+                {
+                    "method": method,
+                    "target_kl": target,
+                    "fold": fold.index,
+                    "split": "held-out",
+                    "mc1": result.mc1_mean,
+                    "mc2": result.mc2_mean,
+                    "kl": side["kl"],
+                    "label": key,
+                    "chosen": True,
+                }
+            )
 
 
-def _monitor_held_out(
-    job: _Job, fold: Fold, hpr_pick: dict[str, Any], outcome: _FoldOutcome
-) -> dict[str, Any]:
+def _monitor_held_out(job: _Job, fold: Fold, layers: list[int], outcome: _FoldOutcome) -> dict[str, Any]:
     """Probe statistics on held-out prompts with the chosen HPR layers (monitor: no editing)."""
     questions = job.questions_of(list(fold.test)[: job.settings.monitor_questions])
-    with edit_settings(job.model, layers=hpr_pick["layers"]), monitor(job.model) as records:
+    with edit_settings(job.model, layers=layers), monitor(job.model) as records:
         TruthfulQAScorer(job.tokenizer, questions).score(job.model, progress=False)
-    outcome.report["monitor"] = [r for r in records.summary() if r["layer"] in hpr_pick["layers"]]
+    outcome.report["monitor"] = [r for r in records.summary() if r["layer"] in layers]
     return {
         "fractions": {i: records[i].fraction_flagged for i in sorted(records)},
-        "angles": {i: records[i].angles.tolist() for i in hpr_pick["layers"]},
+        "angles": {i: records[i].angles.tolist() for i in layers},
     }
 
 
-def _save_adapter(model: Any, hpr_pick: dict[str, Any], directory: Path) -> None:
+def _save_adapter(model: Any, hpr_pick: Measurement, directory: Path) -> None:
     """Save the adapter with the chosen layers and strength, then restore the model's own settings."""
     tuner = hpr_tuner(model)
     previous_layers, previous_alpha = (
         tuner.selected_layers(),
         tuner.peft_config[tuner.resolve_adapter(None)].alpha,
     )
-    tuner.set_selected_layers(hpr_pick["layers"])
-    tuner.set_alpha(hpr_pick["alpha"])
+    tuner.set_selected_layers(list(hpr_pick.candidate.layers))
+    tuner.set_alpha(hpr_pick.alpha)
     try:
         save_shareable_adapter(model, directory)  # atomic, with HPR's model card
     finally:
@@ -435,39 +462,21 @@ def _save_adapter(model: Any, hpr_pick: dict[str, Any], directory: Path) -> None
 # All folds together
 
 
-def _paired(edited: list[float], base: list[float]) -> tuple[float, float]:
-    """Mean and standard error of the per-question differences ``edited - base``."""
-    diffs = [a - b for a, b in zip(edited, base, strict=True)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else float("nan")
-    return mean, se
-
-
-def _method_summary(job: _Job, outcomes: list[_FoldOutcome], method: str) -> dict[str, Any]:
-    """A method's held-out results over all folds, with paired differences to the unedited model."""
-    result = MCResult.concat([o.held_out[method] for o in outcomes])
-    unedited = job.unedited.subset(result.question_ids)
-    d1 = _paired(result.mc1, unedited.mc1)
-    d2 = _paired(result.mc2, unedited.mc2)
-    sides = [o.side_effects[method] for o in outcomes]
-    return {
-        **result.summary(),
-        "kl": sum(s["kl"] for s in sides) / len(sides),
-        "perplexity": sum(s["perplexity"] for s in sides) / len(sides),
-        "delta_mc1": d1[0],
-        "delta_mc1_se": d1[1],
-        "delta_mc2": d2[0],
-        "delta_mc2_se": d2[1],
-    }
-
-
 def _results(job: _Job, outcomes: list[_FoldOutcome], clock: _Clock) -> dict[str, Any]:
     methods: dict[str, Any] = {
-        "unedited": {**job.unedited.summary(), "perplexity": job.reference_perplexity, "kl": 0.0}
+        "unedited": {**job.unedited.summary(), "perplexity": job.heldout_neutral.reference_perplexity, "kl": 0.0}
     }
-    for method in METHODS:
-        methods[method] = _method_summary(job, outcomes, method)
+    comparisons: dict[str, Any] = {}
+    for target in job.settings.kl_targets:
+        held_out = {}
+        for method in METHODS:
+            key = result_key(method, target)
+            if all(key in o.held_out for o in outcomes):  # reached in every fold
+                held_out[method] = [o.held_out[key] for o in outcomes]
+                sides = [o.side_effects[key] for o in outcomes]
+                methods[key] = method_summary(held_out[method], job.unedited, sides, job.settings.seed)
+        if held_out:
+            comparisons[f"{target:g}"] = compare(held_out, job.unedited, job.settings.seed)
     clock.timings["total"] = time.perf_counter() - clock.start
     generations = [o.generations for o in outcomes if o.generations]
     return {
@@ -478,6 +487,8 @@ def _results(job: _Job, outcomes: list[_FoldOutcome], clock: _Clock) -> dict[str
         "chance": chance_levels(job.questions),
         "folds": [{"fold": fo.index, "test_ids": list(fo.test)} for fo in job.folds],
         "methods": methods,
+        "comparisons": comparisons,
+        "kl_targets": list(job.settings.kl_targets),
         "per_fold": [o.report for o in outcomes],
         "sweep": [row for o in outcomes for row in o.sweep],
         "timings_s": clock.timings,
@@ -511,7 +522,7 @@ def _json_default(obj: Any) -> Any:
 
 def _plots(results, probe_accuracy, monitor_data, out_dir: Path) -> None:
     try:
-        from hpr_peft.experiment.plots import plot_monitor, plot_pareto, plot_probe_accuracy
+        from hpr_peft.experiment.plots import plot_matched_kl, plot_monitor, plot_pareto, plot_probe_accuracy
 
         name = results["model"]
         plot_pareto(
@@ -519,6 +530,9 @@ def _plots(results, probe_accuracy, monitor_data, out_dir: Path) -> None:
             out_dir / "pareto_mc2_kl.png",
             title=f"{name}: MC2 vs KL",
             baseline=results["methods"]["unedited"]["mc2"],
+        )
+        plot_matched_kl(
+            results["methods"], results["kl_targets"], out_dir / "matched_kl.png", title=f"{name}: MC2 at matched KL"
         )
         plot_probe_accuracy(probe_accuracy, out_dir / "probe_accuracy.png", title=f"{name}: probe accuracy")
         if monitor_data:

@@ -1,4 +1,5 @@
-"""The editing methods the job compares, as settings that put a model into an edited state."""
+"""The editing methods the job compares: a method on a set of layers, whose strength is set later by
+a KL budget (:mod:`hpr_peft.evaluation.calibration`)."""
 
 from __future__ import annotations
 
@@ -9,63 +10,49 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpr_peft.evaluation.baselines import additive_steering, mean_difference_vectors
-from hpr_peft.runtime.model_io import ContextFactory, stack_contexts, unedited_context
-from hpr_peft.tuner.control import edit_settings
+from hpr_peft.evaluation.baselines import mean_difference_vectors
+from hpr_peft.evaluation.calibration import EditFactory, additive_edit, hpr_edit
+from hpr_peft.runtime.model_io import ContextFactory
 
-__all__ = ["METHODS", "EditSetting", "pick_within_budget", "sweep_settings"]
+__all__ = ["METHODS", "EditCandidate", "candidates_for"]
 
 METHODS = ("hpr", "additive")
 
 
 @dataclass(frozen=True)
-class EditSetting:
-    """One point of a sweep: a method (``"hpr"`` or ``"additive"``), its layers and strength."""
+class EditCandidate:
+    """A method (``"hpr"`` or ``"additive"``) editing ``layers``; additive steering carries its vectors."""
 
     method: str
-    top_k: int
     layers: tuple[int, ...]
-    alpha: float
     vectors: dict[int, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     @property
-    def label(self) -> str:
-        return f"k={self.top_k} α={self.alpha:g}"
+    def key(self) -> tuple[str, tuple[int, ...]]:
+        return self.method, self.layers
 
-    def context(self, model: nn.Module) -> ContextFactory:
-        """The context factory giving ``model`` in this setting's state."""
+    def edit(self, model: nn.Module) -> EditFactory:
+        """``alpha -> context`` putting ``model`` into this candidate's edited state at that strength."""
         if self.method == "hpr":
-            return lambda: edit_settings(model, alpha=self.alpha, layers=list(self.layers))
-        vectors = self.vectors
-        if vectors is None:
-            raise ValueError("an additive setting needs its steering vectors.")
-        return stack_contexts(
-            unedited_context(model), lambda: additive_steering(model, vectors, alpha=self.alpha)
-        )
+            return hpr_edit(model, layers=list(self.layers))
+        if self.vectors is None:
+            raise ValueError("an additive candidate needs its steering vectors.")
+        return additive_edit(model, self.vectors)
+
+    def at(self, model: nn.Module, alpha: float) -> ContextFactory:
+        """A zero-argument context factory for this candidate at strength ``alpha``."""
+        edit = self.edit(model)
+        return lambda: edit(alpha)
 
 
-def sweep_settings(
-    ranking: Sequence[int],
-    top_ks: Sequence[int],
-    hpr_alphas: Sequence[float],
-    additive_alphas: Sequence[float],
-    fit_activations: Any,
-    normalize_additive: bool,
-) -> list[EditSetting]:
-    """Every HPR and additive setting of the sweep: the top-k layers of ``ranking`` for each ``k``,
-    each strength; the additive vectors come from the same fitting activations as the HPR editors."""
-    out = []
-    for k in top_ks:
-        layers = tuple(sorted(ranking[:k]))
-        out += [EditSetting("hpr", k, layers, a) for a in hpr_alphas]
-        vectors = mean_difference_vectors(fit_activations, layers=list(layers), normalize=normalize_additive)
-        out += [EditSetting("additive", k, layers, a, vectors) for a in additive_alphas]
-    return out
-
-
-def pick_within_budget(rows: list[dict[str, Any]], kl_budget: float) -> dict[str, Any]:
-    """Best validation MC2 (then MC1) among rows with KL ≤ budget; else the smallest-KL row."""
-    within = [r for r in rows if r["kl"] <= kl_budget]
-    if within:
-        return max(within, key=lambda r: (r["mc2"], r["mc1"], -r["kl"]))
-    return min(rows, key=lambda r: r["kl"])
+def candidates_for(
+    method: str, layer_sets: Sequence[Sequence[int]], fit_activations: Any, normalize_additive: bool
+) -> list[EditCandidate]:
+    """One candidate of ``method`` per layer set (duplicates dropped, order kept). Additive vectors are
+    the mean differences of the same fitting activations the HPR editors were trained on."""
+    unique = list(dict.fromkeys(tuple(sorted(layers)) for layers in layer_sets))
+    if method == "hpr":
+        return [EditCandidate("hpr", layers) for layers in unique]
+    needed = sorted({layer for layers in unique for layer in layers})
+    vectors = mean_difference_vectors(fit_activations, layers=needed, normalize=normalize_additive)
+    return [EditCandidate("additive", layers, {i: vectors[i] for i in layers}) for layers in unique]

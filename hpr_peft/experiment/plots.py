@@ -13,7 +13,7 @@ from typing import Any
 
 from hpr_peft.runtime.atomic_files import atomic_file
 
-__all__ = ["plot_monitor", "plot_pareto", "plot_probe_accuracy"]
+__all__ = ["plot_matched_kl", "plot_monitor", "plot_pareto", "plot_probe_accuracy"]
 
 
 def _pyplot():
@@ -42,6 +42,8 @@ def plot_pareto(
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for row in sweeps:
+        if row.get("kl") is None:  # a budget out of reach: nothing to place
+            continue
         groups.setdefault(
             (row["method"], int(row.get("fold", 0)), row.get("split", "validation")), []
         ).append(row)
@@ -67,6 +69,36 @@ def plot_pareto(
     ax.set_xlabel("KL(edited ‖ unedited) per token on neutral text [nats]")
     ax.set_ylabel("TruthfulQA MC2")
     ax.set_title(title or "MC2 vs side effects")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_matched_kl(
+    methods: dict[str, dict[str, Any]], targets: Sequence[float], path: str | os.PathLike, title: str = ""
+) -> Path:
+    """Held-out MC2 against held-out KL for each method at each KL target, with the 95 % paired
+    bootstrap CI band of its gain over the unedited model (``methods`` as in ``results.json``)."""
+    plt = _pyplot()
+    colors = {"hpr": "tab:blue", "additive": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    base = methods["unedited"]["mc2"]
+    for method, color in colors.items():
+        rows = [methods[f"{method}@kl{t:g}"] for t in targets if f"{method}@kl{t:g}" in methods]
+        if not rows:
+            continue
+        kl = [0.0, *[r["kl"] for r in rows]]
+        low = [base, *[base + r["delta_mc2"]["low"] for r in rows]]
+        high = [base, *[base + r["delta_mc2"]["high"] for r in rows]]
+        ax.plot(kl, [base, *[r["mc2"] for r in rows]], "-o", color=color, label=method)
+        ax.fill_between(kl, low, high, color=color, alpha=0.2, label=f"{method} 95 % CI")
+    ax.axhline(base, color="black", lw=1, ls=":", label="unedited")
+    for target in targets:
+        ax.axvline(target, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("KL(edited ‖ unedited) per token on held-out neutral text [nats]")
+    ax.set_ylabel("TruthfulQA MC2 (held-out folds)")
+    ax.set_title(title or "MC2 at matched side effects")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

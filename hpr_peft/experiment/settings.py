@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,14 +11,18 @@ from hpr_peft.fitting.angle_targets import ANGLE_TARGETS
 from hpr_peft.fitting.selection import check_selection
 from hpr_peft.tuner.config import validate_alpha
 
-__all__ = ["MODEL_DEFAULTS", "JobSettings"]
+__all__ = ["LAYER_SEARCHES", "MODEL_DEFAULTS", "JobSettings"]
+
+# How each fold picks the edited layers: "effect" screens single layers by validation ΔMC2 at the
+# smallest KL target; "probe" takes the layers with the best validation probe accuracy.
+LAYER_SEARCHES = ("effect", "probe")
 
 # Recommended settings per bundled model, used by ``hpr-peft main`` where the command line is silent.
 # Gemma-3's residual stream is dominated by a few massive dimensions shared by every token, so the
 # paper's angle target overshoots by 10-35 sd along the probe direction and breaks the model (KL ≈ 8
 # at α=0.5); the probe-consistent target does not (docs/math.md, docs/results.md).
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gemma3": {"angle_target": "probe", "hpr_alphas": (0.5, 1.0, 2.0)},
+    "gemma3": {"angle_target": "probe"},
 }
 
 
@@ -35,12 +40,15 @@ class JobSettings:
     max_questions: int | None = None
     token_selection: str = "last"
     angle_target: str = "paper"
-    validation_fraction: float = 0.15
-    max_validation_questions: int = 60
-    hpr_alphas: tuple[float, ...] = (0.5, 1.0, 1.5)
-    additive_alphas: tuple[float, ...] = (0.25, 0.5, 1.0)
-    top_ks: tuple[int, ...] = (3,)
-    kl_budget: float = 0.1
+    validation_fraction: float = 0.5
+    max_validation_questions: int = 200
+    kl_targets: tuple[float, ...] = (0.05, 0.1)
+    calibration_tolerance: float = 0.1
+    max_alpha: float = 64.0
+    layer_search: str = "effect"
+    screen_layers: int = 6
+    screen_questions: int = 80
+    top_ks: tuple[int, ...] = (1, 3)
     epochs: int = 5
     normalize_additive: bool = True
     monitor_questions: int = 40
@@ -59,15 +67,25 @@ class JobSettings:
             raise ValueError(f"token_selection must be 'last' or 'response', got {self.token_selection!r}.")
         if self.angle_target not in ANGLE_TARGETS:
             raise ValueError(f"angle_target must be one of {list(ANGLE_TARGETS)}, got {self.angle_target!r}.")
-        for name in ("hpr_alphas", "additive_alphas", "top_ks"):
+        for name in ("kl_targets", "top_ks"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is empty: give at least one value.")
-        for alpha in self.hpr_alphas:
-            validate_alpha(alpha)
+        for target in self.kl_targets:
+            if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < math.inf:
+                raise ValueError(f"target_kl must be a finite number > 0 (nats per token), got {target!r}.")
+        if not 0 < self.calibration_tolerance < 1:
+            raise ValueError(f"calibration_tolerance must be in (0, 1), got {self.calibration_tolerance!r}.")
+        validate_alpha(self.max_alpha)
         for top_k in self.top_ks:
             check_selection(top_k, None)
-        if self.kl_budget <= 0:
-            raise ValueError(f"kl_budget must be > 0, got {self.kl_budget}.")
+        if self.layer_search not in LAYER_SEARCHES:
+            raise ValueError(
+                f"layer_search must be one of {list(LAYER_SEARCHES)}, got {self.layer_search!r}."
+            )
+        for name in ("screen_layers", "screen_questions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if self.generation_questions < 0:
             raise ValueError(
                 f"generation_questions must be >= 0 (0: no generation), got {self.generation_questions}."

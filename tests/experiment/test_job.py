@@ -9,30 +9,25 @@ import torch
 
 from hpr_peft.cli import build_parser
 from hpr_peft.experiment import JobSettings, run_main_job
-from hpr_peft.experiment.methods import pick_within_budget
 from support.models import make_tiny_causal_lm
 
-
-def test_pick_respects_kl_budget():
-    rows = [
-        {"mc2": 0.6, "mc1": 0.3, "kl": 0.5},
-        {"mc2": 0.5, "mc1": 0.3, "kl": 0.05},
-        {"mc2": 0.45, "mc1": 0.4, "kl": 0.01},
-    ]
-    assert pick_within_budget(rows, 0.1)["kl"] == 0.05
-    assert pick_within_budget(rows, 0.001)["kl"] == 0.01  # nothing within budget: least side effects
+KL_TARGETS = (0.01, 0.02)
 
 
 def test_settings_validation():
     with pytest.raises(ValueError, match="folds"):
         JobSettings(folds=1).validate()
-    with pytest.raises(ValueError, match="hpr_alphas"):
-        JobSettings(hpr_alphas=()).validate()
+    with pytest.raises(ValueError, match="kl_targets"):
+        JobSettings(kl_targets=()).validate()
+    with pytest.raises(ValueError, match="layer_search"):
+        JobSettings(layer_search="accuracy").validate()
+    with pytest.raises(ValueError, match="screen_layers"):
+        JobSettings(screen_layers=0).validate()
 
 
 def test_cli_parses_main_and_eval():
-    args = build_parser("main").parse_args(["main", "--quick", "--hpr-alphas", "0.5,1", "--top-k", "3,5"])
-    assert args.quick and args.hpr_alphas == (0.5, 1.0) and args.top_k == (3, 5)
+    args = build_parser("main").parse_args(["main", "--quick", "--kl-targets", "0.05,0.1", "--top-k", "1,3"])
+    assert args.quick and args.kl_targets == (0.05, 0.1) and args.top_k == (1, 3)
     args = build_parser("eval").parse_args(["eval", "--model", "smollm2", "--output", "x"])
     assert args.adapter is None
     with pytest.raises(SystemExit):
@@ -41,13 +36,12 @@ def test_cli_parses_main_and_eval():
 
 def test_cli_applies_model_defaults_unless_overridden():
     from hpr_peft.cli.main_job import settings_from_args
-    from hpr_peft.experiment import MODEL_DEFAULTS
 
     parse = build_parser("main").parse_args
     plain = settings_from_args(parse(["main"]))
-    assert plain.angle_target == "paper" and plain.hpr_alphas == JobSettings().hpr_alphas
-    gemma = settings_from_args(parse(["main", "--model", "gemma3"]))
-    assert gemma.angle_target == "probe" and gemma.hpr_alphas == MODEL_DEFAULTS["gemma3"]["hpr_alphas"]
+    assert plain.angle_target == "paper" and plain.kl_targets == JobSettings().kl_targets
+    gemma = settings_from_args(parse(["main", "--model", "gemma3", "--layer-search", "probe"]))
+    assert gemma.angle_target == "probe" and gemma.layer_search == "probe"
     mine = settings_from_args(
         parse(["main", "--model", "gemma3", "--angle-target", "paper", "--epochs", "2"])
     )
@@ -67,9 +61,10 @@ def test_quick_job_end_to_end(smollm2, truthfulqa_dir, tmp_path):
         truthfulqa_dir=str(truthfulqa_dir),
         quick=True,
         quick_questions=8,
-        hpr_alphas=(1.0, 2.0),
-        additive_alphas=(1.0,),
-        top_ks=(2,),
+        kl_targets=KL_TARGETS,
+        screen_layers=2,
+        screen_questions=2,
+        top_ks=(1, 2),
         epochs=1,
         max_validation_questions=2,
         validation_fraction=0.5,
@@ -84,13 +79,28 @@ def test_quick_job_end_to_end(smollm2, truthfulqa_dir, tmp_path):
     for fold in saved["per_fold"]:
         scored = set(fold["test_ids"])
         assert not scored & set(fold["fit_ids"]) and not scored & set(fold["validation_ids"])
-        assert set(fold["chosen"]) == {"hpr", "additive"}
-        assert len(fold["chosen"]["hpr"]["layers"]) == 2
-    for method in ("unedited", "additive", "hpr"):
-        row = results["methods"][method]
-        assert row["n"] == 8 and 0.0 <= row["mc2"] <= 1.0
-    assert results["methods"]["hpr"]["kl"] > 0.0
-    for name in ("results.md", "pareto_mc2_kl.png", "probe_accuracy.png", "hpr_monitor.png"):
+        assert set(fold["chosen"]) == {f"{m}@kl{t:g}" for m in ("hpr", "additive") for t in KL_TARGETS}
+        for key, pick in fold["chosen"].items():
+            target = float(key.split("@kl")[1])
+            # calibrated on the calibration text: within the tolerance below the budget, never above
+            assert target * 0.9 <= pick["kl"] <= target, (key, pick)
+            assert len(pick["layers"]) in (1, 2)
+        # both methods went through the same layer search
+        assert set(fold["ranking_comparison"]) == {"hpr", "additive"}
+        stages = {(r["method"], r["stage"]) for r in fold["validation_sweep"]}
+        assert stages == {(m, s) for m in ("hpr", "additive") for s in ("screen", "validation")}
+    assert results["methods"]["unedited"]["n"] == 8
+    for target in KL_TARGETS:
+        for method in ("additive", "hpr"):
+            row = results["methods"][f"{method}@kl{target:g}"]
+            assert row["n"] == 8 and 0.0 <= row["mc2"] <= 1.0 and row["kl"] > 0.0
+            assert row["delta_mc2"]["low"] <= row["delta_mc2"]["mean"] <= row["delta_mc2"]["high"]
+        pairs = results["comparisons"][f"{target:g}"]
+        assert set(pairs) == {"hpr-additive", "hpr-unedited", "additive-unedited"}
+        assert len(pairs["hpr-additive"]["mc2"]["per_fold"]) == 2
+    table = (out / "results.md").read_text()
+    assert "hpr-additive" in table and "Spearman" in table
+    for name in ("results.md", "matched_kl.png", "pareto_mc2_kl.png", "probe_accuracy.png", "hpr_monitor.png"):
         assert (out / name).is_file(), name
     assert (out / "adapter" / "adapter_config.json").is_file()
     card = (out / "adapter" / "README.md").read_text()  # HPR's model card, not PEFT's placeholder
