@@ -304,14 +304,23 @@ def _run_fold(job: _Job, fold: Fold, clock: _Clock) -> _FoldOutcome:
     outcome = _FoldOutcome(report, {}, {}, search.rows(), accuracies)
     _score_held_out(job, fold, chosen, outcome)
     clock.lap("score_held_out")
-    largest = {m: chosen[m].get(max(s.kl_targets)) for m in METHODS}
+    largest = {m: _largest_reached(chosen[m]) for m in METHODS}
     outcome.chosen_hpr = largest["hpr"]
     if largest["hpr"] is not None:
         outcome.monitor = _monitor_held_out(job, fold, list(largest["hpr"].candidate.layers), outcome)
-    contexts = {m: pick.candidate.at(job.model, pick.alpha) for m, pick in largest.items() if pick is not None}
-    outcome.generations = _generate(job, fold, {"unedited": unedited_context(job.model), **contexts})
+    if all(pick is not None for pick in largest.values()):
+        contexts = {m: pick.candidate.at(job.model, pick.alpha) for m, pick in largest.items() if pick}
+        outcome.generations = _generate(job, fold, {"unedited": unedited_context(job.model), **contexts})
+    else:
+        logger.warning("fold %d: no generation, a method reached none of the KL targets.", fold.index)
     clock.lap("generation")
     return outcome
+
+
+def _largest_reached(picks: dict[float, Measurement | None]) -> Measurement | None:
+    """The choice at the largest KL target a method reached (None: it reached none)."""
+    reached = [target for target, pick in picks.items() if pick is not None]
+    return picks[max(reached)] if reached else None
 
 
 class _FoldSearch:

@@ -11,7 +11,7 @@ from hpr_peft.cli import build_parser
 from hpr_peft.experiment import JobSettings, run_main_job
 from support.models import make_tiny_causal_lm
 
-KL_TARGETS = (0.01, 0.02)
+KL_TARGETS = (0.001, 0.002)
 
 
 def test_settings_validation():
