@@ -136,7 +136,9 @@ class _ReplayState:
     def start_call(self, embedded: torch.Tensor) -> None:
         index, recorded = self.calls, len(self.record)
         if index >= recorded:
-            raise ReplayMismatch(f"forward call {index + 1} inside the replay, but {recorded} were recorded: {_FIX}.")
+            raise ReplayMismatch(
+                f"forward call {index + 1} inside the replay, but {recorded} were recorded: {_FIX}."
+            )
         want = self.record.hidden_states[index]
         if embedded.shape != want.shape or embedded.dtype != want.dtype:
             raise ReplayMismatch(
@@ -207,7 +209,9 @@ def replay_from_block(model: nn.Module, record: BlockInputs) -> Iterator[None]:
     must be used up on a normal exit (module docstring). The real blocks are back on any exit.
     """
     if not isinstance(record, BlockInputs):
-        raise TypeError(f"record must be the BlockInputs of record_block_inputs, got {type(record).__name__}.")
+        raise TypeError(
+            f"record must be the BlockInputs of record_block_inputs, got {type(record).__name__}."
+        )
     stack = find_decoder_stack(model)
     _check_block(stack, record.block)
     if not record.hidden_states:

@@ -75,7 +75,9 @@ def test_replayed_forwards_with_cache_equal_full_forwards(arch, kind):
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_replayed_scorer_gives_the_same_mc_results(arch):
     model = _hpr_model(arch)
-    scorer = TruthfulQAScorer(CharTokenizer(bos=2), tiny_questions(3), primer=PRIMER, packed=True, max_tokens=64)
+    scorer = TruthfulQAScorer(
+        CharTokenizer(bos=2), tiny_questions(3), primer=PRIMER, packed=True, max_tokens=64
+    )
     with record_block_inputs(model, FIRST_EDITED) as record:
         scorer.score(model, context=unedited_context(model), progress=False)
     for alpha in (0.5, 2.0):  # one record serves a sweep
@@ -149,10 +151,9 @@ def test_block_index_out_of_range():
 def test_an_edit_below_the_recorded_block_is_refused(kind):
     model = _model_for("llama", kind)
     ids = token_ids(2, 8, seed=1)
-    record = _recorded(model, ids) if kind == "additive" else None
+    with unedited_context(model)():
+        record = _recorded(model, ids)
     if kind == "hpr":
-        with unedited_context(model)():
-            record = _recorded(model, ids)
         below = edit_settings(model, layers=[1, 2])
     else:
         below = additive_steering(model, {1: torch.ones(32)}, 1.0)
@@ -164,9 +165,9 @@ def test_edit_contexts_go_outside_the_replay():
     """Inside the replay the stack is not found (stubs differ from blocks): edit contexts come first."""
     model = make_tiny_causal_lm("llama")
     record = _recorded(model, token_ids(1, 6, seed=1))
-    with pytest.raises(ValueError, match="decoder blocks"), replay_from_block(model, record):
-        with additive_steering(model, {3: torch.ones(32)}, 1.0):
-            pass
+    steering = additive_steering(model, {3: torch.ones(32)}, 1.0)
+    with pytest.raises(ValueError, match="decoder blocks"), replay_from_block(model, record), steering:
+        pass
 
 
 def test_an_early_stopped_recording_is_refused():
