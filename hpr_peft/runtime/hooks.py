@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from hpr_peft.runtime.blocks import join_block_output, split_block_output
 
-__all__ = ["BlockOutputHook", "HookSet", "StopForward"]
+__all__ = ["BlockOutputHook", "HookSet", "StopForward", "block_output_hooks"]
 
 BlockOutputHook = Callable[[torch.Tensor], "torch.Tensor | None"]
 """``hook(hidden) -> new hidden or None``: the one signature of every block-output hook."""
@@ -49,6 +49,14 @@ class _BlockOutputAdapter:
         hidden, rest = split_block_output(output)
         replacement = self.hook(hidden)
         return None if replacement is None else join_block_output(replacement, rest)
+
+
+def block_output_hooks(module: nn.Module) -> list[BlockOutputHook]:
+    """The :data:`BlockOutputHook` s registered on ``module`` through :meth:`HookSet.on_block_output`.
+
+    Lets a caller that bypasses a block (block-input replay) ask whether something would edit it.
+    """
+    return [hook.hook for hook in module._forward_hooks.values() if isinstance(hook, _BlockOutputAdapter)]
 
 
 class HookSet:
