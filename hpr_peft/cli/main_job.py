@@ -86,6 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="calibrated KL lies in [target*(1-tolerance), target] (default 0.1)",
     )
+    parser.add_argument(
+        "--no-replay",
+        action="store_true",
+        help="run every block in every validation pass (default: blocks below the first edited one are "
+        "recorded once and replayed)",
+    )
     parser.add_argument("--validation-fraction", type=float, default=None)
     parser.add_argument("--max-validation-questions", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
@@ -125,6 +131,7 @@ def settings_from_args(args: argparse.Namespace):
         "screen_questions": args.screen_questions,
         "top_ks": args.top_k,
         "calibration_tolerance": args.calibration_tolerance,
+        "replay": False if args.no_replay else None,
         "validation_fraction": args.validation_fraction,
         "max_validation_questions": args.max_validation_questions,
         "epochs": args.epochs,

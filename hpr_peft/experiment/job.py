@@ -62,7 +62,14 @@ from hpr_peft.experiment.generations import (
 from hpr_peft.experiment.comparison import compare, method_summary
 from hpr_peft.experiment.layer_search import effect_ranking, layer_sets, ranking_comparison, screening_pool
 from hpr_peft.experiment.methods import METHODS, EditCandidate, candidates_for
-from hpr_peft.experiment.sweep import BudgetedMeasure, Measurement, best_per_target, result_key
+from hpr_peft.experiment.sweep import (
+    BudgetedMeasure,
+    Measurement,
+    Replay,
+    best_per_target,
+    record_replay,
+    result_key,
+)
 from hpr_peft.experiment.settings import JobSettings
 from hpr_peft.experiment.table import chance_levels, format_table
 from hpr_peft.fitting import AnswerCollector, PairActivations, fit_hpr
@@ -339,11 +346,36 @@ class _FoldSearch:
         s = job.settings
         self.job, self.fold_index, self.fit_activations = job, fold_index, fit_activations
         self.probe_ranking = probe_ranking
-        self.measure = BudgetedMeasure(job.model, job.neutral, s.calibration_tolerance, s.max_alpha)
-        self.validation = TruthfulQAScorer(job.tokenizer, validation)
-        self.screen = TruthfulQAScorer(job.tokenizer, validation[: s.screen_questions])
+        packed = True if s.replay else None  # replay records deterministic passes only
+        self.validation = TruthfulQAScorer(job.tokenizer, validation, packed=packed)
+        self.screen = TruthfulQAScorer(job.tokenizer, validation[: s.screen_questions], packed=packed)
+        self.measure = BudgetedMeasure(
+            job.model, job.neutral, s.calibration_tolerance, s.max_alpha, self._record_replay()
+        )
         self.probe_accuracy = probe_accuracy
         self.comparisons: dict[str, Any] = {}
+
+    def _first_edited_block(self) -> int:
+        """The lowest block any candidate of this fold can edit."""
+        s = self.job.settings
+        layers = set(self.probe_ranking[: max(s.top_ks)])
+        if s.layer_search == "effect":
+            layers |= set(screening_pool(len(self.probe_ranking), s.screen_layers))
+        return min(layers)
+
+    def _record_replay(self) -> Replay | None:
+        """Record the repeated passes at the first edited block (None: replay off or nothing to skip)."""
+        s, model = self.job.settings, self.job.model
+        block = self._first_edited_block()
+        if not s.replay or block < 1:
+            return None
+        passes = {
+            "validation": lambda context: self.validation.score(model, context=context, progress=False),
+            "neutral": lambda context: self.job.neutral.measure(model, context),
+        }
+        if s.layer_search == "effect":
+            passes["screen"] = lambda context: self.screen.score(model, context=context, progress=False)
+        return record_replay(model, block, passes)
 
     def _candidates(self, method: str, layer_sets: list[tuple[int, ...]]) -> list[EditCandidate]:
         s = self.job.settings

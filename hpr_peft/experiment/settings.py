@@ -49,6 +49,7 @@ class JobSettings:
     screen_layers: int = 6
     screen_questions: int = 80
     top_ks: tuple[int, ...] = (1, 3)
+    replay: bool = True
     epochs: int = 5
     normalize_additive: bool = True
     monitor_questions: int = 40

@@ -4,21 +4,23 @@ score TruthfulQA at that α. Every method gets exactly the same treatment (the f
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from hpr_peft.evaluation.calibration import KLCalibration, kl_calibration
+from hpr_peft.evaluation.calibration import EditFactory, KLCalibration, kl_calibration
 from hpr_peft.evaluation.mc_metrics import MCResult
 from hpr_peft.evaluation.side_effects import NeutralText
 from hpr_peft.evaluation.truthfulqa import TruthfulQAScorer
 from hpr_peft.experiment.methods import EditCandidate
+from hpr_peft.runtime.model_io import ContextFactory, stack_contexts, unedited_context
+from hpr_peft.runtime.replay import BlockInputs, record_block_inputs, replay_from_block
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BudgetedMeasure", "Measurement", "best_per_target", "result_key"]
+__all__ = ["BudgetedMeasure", "Measurement", "Replay", "best_per_target", "record_replay", "result_key"]
 
 
 def result_key(method: str, target_kl: float) -> str:
@@ -74,6 +76,42 @@ class Measurement:
 
 
 @dataclass
+class Replay:
+    """What entered block ``block`` in each pass the sweep repeats, recorded once unedited, so that a
+    candidate editing only blocks ≥ ``block`` skips the blocks below (:mod:`hpr_peft.runtime.replay`)."""
+
+    model: nn.Module
+    block: int
+    records: dict[str, BlockInputs]
+
+    def covers(self, candidate: EditCandidate) -> bool:
+        return min(candidate.layers) >= self.block
+
+    def context(self, edit: ContextFactory, name: str) -> ContextFactory:
+        """``edit`` entered first, then the replay of pass ``name`` (the order replay needs)."""
+        record = self.records[name]
+        return stack_contexts(edit, lambda: replay_from_block(self.model, record))
+
+    def edit(self, edit: EditFactory, name: str) -> EditFactory:
+        """``edit`` with the replay of pass ``name`` around every strength."""
+        return lambda alpha: self.context(lambda: edit(alpha), name)()
+
+
+def record_replay(model: nn.Module, block: int, passes: dict[str, Callable[[ContextFactory], Any]]) -> Replay:
+    """Run each deterministic pass once on the unedited model, recording the inputs of ``block``.
+
+    ``passes[name](context)`` runs pass ``name`` inside ``context()`` (a scorer built with
+    ``packed=True``, or a neutral text's ``measure``).
+    """
+    records = {}
+    for name, run in passes.items():
+        with record_block_inputs(model, block) as record:
+            run(unedited_context(model))
+        records[name] = record
+    return Replay(model, block, records)
+
+
+@dataclass
 class BudgetedMeasure:
     """Calibrates and scores candidates on one fold's validation data, remembering what it measured."""
 
@@ -81,15 +119,23 @@ class BudgetedMeasure:
     neutral: NeutralText
     tolerance: float
     max_alpha: float
+    replay: Replay | None = None
     measured: dict[tuple[Any, ...], Measurement] = field(default_factory=dict)
+
+    def _replays(self, candidate: EditCandidate) -> bool:
+        return self.replay is not None and self.replay.covers(candidate)
 
     def calibrate(self, candidate: EditCandidate, target_kl: float) -> KLCalibration | None:
         """α at which ``candidate`` meets ``target_kl`` on the neutral text (None: out of reach)."""
+        edit = candidate.edit(self.model)
+        if self._replays(candidate):
+            assert self.replay is not None
+            edit = self.replay.edit(edit, "neutral")
         try:
             return kl_calibration(
                 self.model,
                 self.neutral,
-                candidate.edit(self.model),
+                edit,
                 target_kl,
                 tolerance=self.tolerance,
                 max_alpha=self.max_alpha,
@@ -108,6 +154,9 @@ class BudgetedMeasure:
             result = None
             if calibration is not None:
                 context = candidate.at(self.model, calibration.alpha)
+                if self._replays(candidate):
+                    assert self.replay is not None
+                    context = self.replay.context(context, stage)
                 result = scorer.score(self.model, context=context, progress=False)
             self.measured[key] = Measurement(candidate, target_kl, calibration, result, stage)
         return self.measured[key]

@@ -1,0 +1,72 @@
+"""Candidates measured at a KL budget: calibration + scoring, with and without block-input replay."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpr_peft.evaluation.side_effects import NeutralText
+from hpr_peft.evaluation.truthfulqa import TruthfulQAScorer
+from hpr_peft.experiment.methods import EditCandidate
+from hpr_peft.experiment.sweep import BudgetedMeasure, record_replay, result_key
+from support.evaluation import CharTokenizer, tiny_questions
+from support.hpr import random_hpr_model
+
+PRIMER = "Q: What is 1+1?\nA: 2."
+PARAGRAPHS = ["The cat sat on the mat.", "Rivers run to the sea, slowly and surely.", "Bread is baked."]
+
+
+def _setup():
+    model = random_hpr_model("llama", target_layers=[1, 2, 3])
+    tokenizer = CharTokenizer(bos=2)
+    neutral = NeutralText(tokenizer, PARAGRAPHS, batch_size=2)
+    neutral.compute_reference(model, model.disable_adapter)
+    scorer = TruthfulQAScorer(tokenizer, tiny_questions(3), primer=PRIMER, packed=True, max_tokens=64)
+    return model, neutral, scorer
+
+
+def _target(model, neutral) -> float:
+    """A budget this random editor reaches: half its KL at alpha 1 on layers 2-3."""
+    edit = EditCandidate("hpr", (2, 3)).at(model, 1.0)
+    return neutral.measure(model, edit).kl / 2
+
+
+def test_replayed_measurement_equals_the_full_one():
+    model, neutral, scorer = _setup()
+    target = _target(model, neutral)
+    candidate = EditCandidate("hpr", (2, 3))
+    plain = BudgetedMeasure(model, neutral, 0.1, 64.0).measure(candidate, target, scorer, "validation")
+    replay = record_replay(
+        model,
+        2,
+        {
+            "validation": lambda context: scorer.score(model, context=context, progress=False),
+            "neutral": lambda context: neutral.measure(model, context),
+        },
+    )
+    replayed = BudgetedMeasure(model, neutral, 0.1, 64.0, replay).measure(candidate, target, scorer, "validation")
+    assert plain.reached and replayed.reached
+    assert replayed.calibration == plain.calibration  # every (alpha, KL) evaluation identical
+    assert replayed.result.mc2 == plain.result.mc2 and replayed.result.mc1 == plain.result.mc1
+    assert target * 0.9 <= plain.calibration.kl <= target
+    # a candidate editing below the recorded block runs every block (no replay, still right)
+    low = EditCandidate("hpr", (1, 2))
+    assert not replay.covers(low) and replay.covers(candidate)
+    a = BudgetedMeasure(model, neutral, 0.1, 64.0).measure(low, target, scorer, "validation")
+    b = BudgetedMeasure(model, neutral, 0.1, 64.0, replay).measure(low, target, scorer, "validation")
+    assert a.calibration == b.calibration and a.result.mc2 == b.result.mc2
+
+
+def test_an_unreachable_budget_is_recorded_not_raised():
+    model, neutral, scorer = _setup()
+    measure = BudgetedMeasure(model, neutral, 0.1, max_alpha=1e-3)
+    got = measure.measure(EditCandidate("hpr", (2,)), 5.0, scorer, "validation")
+    assert not got.reached and got.result is None
+    row = got.row(0, scorer.score(model, context=model.disable_adapter, progress=False))
+    assert row["reached"] is False and "mc2" not in row
+    # measured once: the cache answers the second call
+    assert measure.measure(EditCandidate("hpr", (2,)), 5.0, scorer, "validation") is got
+
+
+@pytest.mark.parametrize(("method", "target", "key"), [("hpr", 0.05, "hpr@kl0.05"), ("additive", 0.1, "additive@kl0.1")])
+def test_result_keys(method, target, key):
+    assert result_key(method, target) == key
