@@ -43,7 +43,9 @@ class PairedDifference:
 
 def _scores(name: str, values: Sequence[float]) -> torch.Tensor:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(f"{name} must be a sequence of numbers (one score per question), got {type(values).__name__}.")
+        raise TypeError(
+            f"{name} must be a sequence of numbers (one score per question), got {type(values).__name__}."
+        )
     bad = [v for v in values if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v)]
     if bad:
         raise ValueError(f"{name} must hold finite numbers only, got {bad[0]!r}.")
