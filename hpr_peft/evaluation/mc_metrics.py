@@ -77,6 +77,14 @@ class MCResult:
     def mc2_se(self) -> float:
         return _mean_se(self.mc2)[1]
 
+    def per_question(self, metric: str) -> list[float]:
+        """The per-question scores of ``metric`` (``"mc1"`` or ``"mc2"``), in question order."""
+        if metric == "mc1":
+            return list(self.mc1)
+        if metric == "mc2":
+            return list(self.mc2)
+        raise ValueError(f"metric must be 'mc1' or 'mc2', got {metric!r}.")
+
     def subset(self, question_ids: Sequence[str]) -> MCResult:
         """The result restricted to ``question_ids`` (which must all have been scored)."""
         index = {qid: i for i, qid in enumerate(self.question_ids)}

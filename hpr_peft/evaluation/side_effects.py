@@ -3,6 +3,9 @@
 A TruthfulQA score alone can look good on a broken model (MC2 0.52 at perplexity 1e8), so every score
 is reported beside these two numbers. The corpus is ``hpr_peft/resources/neutral.txt``: plain encyclopedic prose about
 everyday topics (bread, bicycles, rivers, ...), one paragraph per sequence (~2.5k tokens in all).
+``resources/neutral_heldout.txt`` is a second corpus of the same kind on other topics (soap, bridges,
+chess, ...): a KL budget calibrated on the first is checked on it
+(``load_neutral_paragraphs(which="heldout")``).
 
 - perplexity: ``exp`` of the mean negative log-likelihood of every real token after the first of each
   paragraph (padding excluded);
@@ -31,10 +34,22 @@ from hpr_peft.runtime.model_io import ContextFactory, input_device, pad_token_id
 __all__ = ["NeutralText", "SideEffects", "load_neutral_paragraphs", "unedited_context"]
 
 
-def load_neutral_paragraphs(text: str | None = None) -> list[str]:
-    """Paragraphs (blank-line separated) of ``text`` or of the bundled neutral corpus."""
+# the bundled neutral corpora: "calibration" is the one side effects are measured (and KL budgets
+# calibrated) on; "heldout" is independent prose on other topics, to check a calibrated budget holds
+_NEUTRAL_CORPORA = {"calibration": "resources/neutral.txt", "heldout": "resources/neutral_heldout.txt"}
+
+
+def load_neutral_paragraphs(text: str | None = None, which: str = "calibration") -> list[str]:
+    """Paragraphs (blank-line separated) of ``text`` or of a bundled neutral corpus.
+
+    ``which`` chooses the bundled corpus when ``text`` is None: ``"calibration"`` (the default, the one
+    :class:`NeutralText` uses) or ``"heldout"`` (same style, other topics, never used for calibration).
+    """
+    if which not in _NEUTRAL_CORPORA:
+        raise ValueError(f"which must be one of {sorted(_NEUTRAL_CORPORA)}, got {which!r}.")
     if text is None:
-        text = resources.files("hpr_peft").joinpath("resources/neutral.txt").read_text(encoding="utf-8")
+        path = _NEUTRAL_CORPORA[which]
+        text = resources.files("hpr_peft").joinpath(path).read_text(encoding="utf-8")
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}.")
     paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
@@ -98,6 +113,11 @@ class NeutralText:
         self.max_reference_bytes = max_reference_bytes
         self._reference: list[torch.Tensor] | None = None
         self.reference_perplexity = math.nan
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether :meth:`compute_reference` has run (``measure`` needs it)."""
+        return self._reference is not None
 
     @property
     def n_tokens(self) -> int:
