@@ -55,6 +55,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="what the angle nets learn: the paper's angle(x-, x+) or the probe-consistent angle (default paper)",
     )
+    _add_comparison_arguments(parser)
+    parser.add_argument("--validation-fraction", type=float, default=None)
+    parser.add_argument("--max-validation-questions", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument(
+        "--neutral-paragraphs",
+        type=int,
+        default=None,
+        help="use only the first N paragraphs of the neutral corpus (faster side effects)",
+    )
+    parser.add_argument(
+        "--generation-questions",
+        type=int,
+        default=None,
+        help="held-out questions answered by greedy generation per method, scored with lm-eval's "
+        "truthfulqa_gen metrics (default 40; 0 = no generation)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="generation length cap (default 64)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _add_comparison_arguments(parser: argparse.ArgumentParser) -> None:
+    """How methods are matched (KL targets) and how layers are searched."""
     parser.add_argument(
         "--kl-targets",
         type=_floats,
@@ -92,25 +116,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run every block in every validation pass (default: blocks below the first edited one are "
         "recorded once and replayed)",
     )
-    parser.add_argument("--validation-fraction", type=float, default=None)
-    parser.add_argument("--max-validation-questions", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument(
-        "--neutral-paragraphs",
-        type=int,
-        default=None,
-        help="use only the first N paragraphs of the neutral corpus (faster side effects)",
-    )
-    parser.add_argument(
-        "--generation-questions",
-        type=int,
-        default=None,
-        help="held-out questions answered by greedy generation per method, scored with lm-eval's "
-        "truthfulqa_gen metrics (default 40; 0 = no generation)",
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="generation length cap (default 64)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--no-progress", action="store_true")
 
 
 def settings_from_args(args: argparse.Namespace):

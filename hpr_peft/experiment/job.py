@@ -53,15 +53,16 @@ from hpr_peft.evaluation.generation import lm_eval_truthfulqa_metrics
 from hpr_peft.evaluation.mc_metrics import MCResult
 from hpr_peft.evaluation.side_effects import NeutralText, load_neutral_paragraphs
 from hpr_peft.evaluation.truthfulqa import TruthfulQAScorer
+from hpr_peft.experiment.comparison import compare, method_summary
 from hpr_peft.experiment.generations import (
     format_generation_tables,
     generate_held_out,
     generation_subset,
     summarize_generations,
 )
-from hpr_peft.experiment.comparison import compare, method_summary
 from hpr_peft.experiment.layer_search import effect_ranking, layer_sets, ranking_comparison, screening_pool
 from hpr_peft.experiment.methods import METHODS, EditCandidate, candidates_for
+from hpr_peft.experiment.settings import JobSettings
 from hpr_peft.experiment.sweep import (
     BudgetedMeasure,
     Measurement,
@@ -70,7 +71,6 @@ from hpr_peft.experiment.sweep import (
     record_replay,
     result_key,
 )
-from hpr_peft.experiment.settings import JobSettings
 from hpr_peft.experiment.table import chance_levels, format_table
 from hpr_peft.fitting import AnswerCollector, PairActivations, fit_hpr
 from hpr_peft.fitting.selection import rank_layers
@@ -505,7 +505,11 @@ def _save_adapter(model: Any, hpr_pick: Measurement, directory: Path) -> None:
 
 def _results(job: _Job, outcomes: list[_FoldOutcome], clock: _Clock) -> dict[str, Any]:
     methods: dict[str, Any] = {
-        "unedited": {**job.unedited.summary(), "perplexity": job.heldout_neutral.reference_perplexity, "kl": 0.0}
+        "unedited": {
+            **job.unedited.summary(),
+            "perplexity": job.heldout_neutral.reference_perplexity,
+            "kl": 0.0,
+        }
     }
     comparisons: dict[str, Any] = {}
     for target in job.settings.kl_targets:
@@ -573,7 +577,10 @@ def _plots(results, probe_accuracy, monitor_data, out_dir: Path) -> None:
             baseline=results["methods"]["unedited"]["mc2"],
         )
         plot_matched_kl(
-            results["methods"], results["kl_targets"], out_dir / "matched_kl.png", title=f"{name}: MC2 at matched KL"
+            results["methods"],
+            results["kl_targets"],
+            out_dir / "matched_kl.png",
+            title=f"{name}: MC2 at matched KL",
         )
         plot_probe_accuracy(probe_accuracy, out_dir / "probe_accuracy.png", title=f"{name}: probe accuracy")
         if monitor_data:

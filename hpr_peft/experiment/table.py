@@ -42,7 +42,12 @@ def format_table(results: dict[str, Any]) -> str:
                 lines.append(_method_row(method, target, row, _choices(results["per_fold"], key)))
             else:
                 lines.append(f"| {method} | {target:g} | budget out of reach in some fold | | | | | | |")
-    lines += ["", *_comparison_lines(results.get("comparisons", {})), "", *_ranking_lines(results["per_fold"])]
+    lines += [
+        "",
+        *_comparison_lines(results.get("comparisons", {})),
+        "",
+        *_ranking_lines(results["per_fold"]),
+    ]
     lines += ["", _footer(results)]
     return "\n".join(lines)
 
@@ -94,7 +99,11 @@ def _ranking_lines(per_fold: list[dict[str, Any]]) -> list[str]:
                 f"accuracy {comparison['probe_order']}; Spearman(probe accuracy, validation MC2) = "
                 + ("–" if rho is None else f"{rho:+.2f}")
             )
-    return ["Layer rankings on the screened layers (validation, smallest KL target):", "", *lines] if lines else []
+    return (
+        ["Layer rankings on the screened layers (validation, smallest KL target):", "", *lines]
+        if lines
+        else []
+    )
 
 
 def _footer(results: dict[str, Any]) -> str:

@@ -24,7 +24,9 @@ def test_a_constant_gain_has_a_zero_width_ci_in_every_fold_and_pooled():
     summary = method_summary(_shifted(0.1), UNEDITED, [{"kl": 0.05, "perplexity": 10.0}] * 2)
     assert summary["n"] == 60 and summary["kl"] == pytest.approx(0.05)
     assert summary["delta_mc2"]["mean"] == pytest.approx(0.1)
-    assert summary["delta_mc2"]["low"] == pytest.approx(0.1) and summary["delta_mc2"]["high"] == pytest.approx(0.1)
+    assert summary["delta_mc2"]["low"] == pytest.approx(0.1) and summary["delta_mc2"][
+        "high"
+    ] == pytest.approx(0.1)
 
 
 def test_compare_gives_every_pair_of_scored_methods():

@@ -100,7 +100,13 @@ def test_quick_job_end_to_end(smollm2, truthfulqa_dir, tmp_path):
         assert len(pairs["hpr-additive"]["mc2"]["per_fold"]) == 2
     table = (out / "results.md").read_text()
     assert "hpr-additive" in table and "Spearman" in table
-    for name in ("results.md", "matched_kl.png", "pareto_mc2_kl.png", "probe_accuracy.png", "hpr_monitor.png"):
+    for name in (
+        "results.md",
+        "matched_kl.png",
+        "pareto_mc2_kl.png",
+        "probe_accuracy.png",
+        "hpr_monitor.png",
+    ):
         assert (out / name).is_file(), name
     assert (out / "adapter" / "adapter_config.json").is_file()
     card = (out / "adapter" / "README.md").read_text()  # HPR's model card, not PEFT's placeholder

@@ -43,7 +43,9 @@ def test_replayed_measurement_equals_the_full_one():
             "neutral": lambda context: neutral.measure(model, context),
         },
     )
-    replayed = BudgetedMeasure(model, neutral, 0.1, 64.0, replay).measure(candidate, target, scorer, "validation")
+    replayed = BudgetedMeasure(model, neutral, 0.1, 64.0, replay).measure(
+        candidate, target, scorer, "validation"
+    )
     assert plain.reached and replayed.reached
     assert replayed.calibration == plain.calibration  # every (alpha, KL) evaluation identical
     assert replayed.result.mc2 == plain.result.mc2 and replayed.result.mc1 == plain.result.mc1
@@ -67,6 +69,8 @@ def test_an_unreachable_budget_is_recorded_not_raised():
     assert measure.measure(EditCandidate("hpr", (2,)), 5.0, scorer, "validation") is got
 
 
-@pytest.mark.parametrize(("method", "target", "key"), [("hpr", 0.05, "hpr@kl0.05"), ("additive", 0.1, "additive@kl0.1")])
+@pytest.mark.parametrize(
+    ("method", "target", "key"), [("hpr", 0.05, "hpr@kl0.05"), ("additive", 0.1, "additive@kl0.1")]
+)
 def test_result_keys(method, target, key):
     assert result_key(method, target) == key
