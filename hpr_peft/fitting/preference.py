@@ -26,7 +26,7 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ from torch import nn
 from hpr_peft.data.encoding import encode_pair
 from hpr_peft.runtime.hooks import HookSet
 from hpr_peft.runtime.model_io import (
+    ContextFactory,
     HeadGather,
     cache_inputs,
     input_device,
@@ -262,8 +263,11 @@ def _text_rows(token_lists: Sequence[list[int]], pad_id: int, device) -> _Rows:
 class _Runner:
     """Runs the model on rows after the shared prefix, the LM head only where logits are needed."""
 
-    def __init__(self, model: nn.Module, prefix_ids: list[int], hooks: HookSet) -> None:
+    def __init__(
+        self, model: nn.Module, prefix_ids: list[int], hooks: HookSet, unedited: ContextFactory | None = None
+    ) -> None:
         self.model = model
+        self.unedited = unedited or unedited_context(model)
         self.device = input_device(model)
         self.head = HeadGather()
         self.gathered = self.head.attach(model, hooks)
@@ -276,7 +280,7 @@ class _Runner:
         if not self.prefix_ids:
             return None
         ids = torch.tensor([self.prefix_ids], device=self.device)
-        with contextlib.nullcontext() if edited else unedited_context(self.model)():
+        with contextlib.nullcontext() if edited else self.unedited():
             out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
         return output_cache(out)
 
@@ -363,8 +367,8 @@ def fit_preference(
     run = _prepare(
         model, tokenizer, pairs, layers, settings, neutral_paragraphs, validation_pairs, adapter_name
     )
-    with HookSet() as hooks, _OnlyEditorsLearn(model, run.parameters):
-        runner = _Runner(model, run.prefix_ids, hooks)
+    with HookSet() as hooks, _OnlyEditorsLearn(model, run.parameters) as learning:
+        runner = _Runner(model, run.prefix_ids, hooks, learning.unedited)
         report = _train(run, runner, progress)
     report.seconds = time.perf_counter() - started
     return report
@@ -489,12 +493,23 @@ class _OnlyEditorsLearn:
     def __enter__(self) -> _OnlyEditorsLearn:
         self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
         self.modes = [(m, m.training) for m in self.model.modules()]
+        self._freeze()
+        self.model.eval()
+        return self
+
+    def _freeze(self) -> None:
         for parameter, _ in self.flags:
             parameter.requires_grad_(False)
         for parameter in self.parameters:
             parameter.requires_grad_(True)
-        self.model.eval()
-        return self
+
+    @contextlib.contextmanager
+    def unedited(self) -> Iterator[None]:
+        """The unedited model; on exit PEFT's ``disable_adapter`` marks every adapter weight trainable
+        again, so the other editors are frozen anew."""
+        with unedited_context(self.model)():
+            yield
+        self._freeze()
 
     def __exit__(self, *exc: object) -> None:
         for parameter in self.parameters:
@@ -580,7 +595,7 @@ def _step(
 @torch.no_grad()
 def _reference_log_probs(runner: _Runner, rows: _Rows, cache: Any) -> torch.Tensor:
     """The unedited model's next-token log-probabilities at ``rows.kl``."""
-    with unedited_context(runner.model)():
+    with runner.unedited():
         return torch.log_softmax(runner.logits(rows, rows.kl, cache), dim=-1)
 
 
