@@ -3,13 +3,17 @@
 Writes into ``--output``, atomically: the adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
 with HPR's model card (``README.md``, :func:`hpr_peft.hub.save_shareable_adapter`; ``--only-selected-layers``
 keeps only the editors of the layers that edit), ``report.json`` and ``probe_accuracy.png``; ``--output``
-is checked before the model is loaded. Works under
+is checked before the model is loaded. ``--objective preference`` fine-tunes the fitted editors of the
+selected layers on the same training pairs with :func:`hpr_peft.fitting.fit_preference` (answer
+likelihood through the frozen model, docs/fitting.md) and adds ``preference.json``; the validation
+groups then come from one seeded split shared by both stages. Works under
 ``accelerate launch --num_processes N`` (collection is split across processes; rank 0 writes).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -70,6 +74,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "theta* (moves a negative to its positive's probe coordinate; two-stage training).",
     )
     parser.add_argument(
+        "--objective",
+        choices=["paper", "preference"],
+        default="paper",
+        help="'paper' = the paper's per-layer probe + angle loss on activations; 'preference' = that, then "
+        "the selected layers' editors fine-tuned end to end on answer likelihood (DPO-style, KL-penalised).",
+    )
+    parser.add_argument("--pref-epochs", type=int, default=1, help="Epochs of the preference stage.")
+    parser.add_argument("--pref-lr", type=float, default=5e-3, help="Learning rate of the preference stage.")
+    parser.add_argument("--pref-batch-size", type=int, default=8, help="Pairs per preference step.")
+    parser.add_argument("--pref-beta", type=float, default=1.0, help="Scale of the preference margin.")
+    parser.add_argument(
+        "--kl-weight",
+        type=float,
+        default=1.0,
+        help="Weight of KL(edited || unedited) in the preference loss.",
+    )
+    parser.add_argument(
+        "--kl-on",
+        choices=["prompts", "neutral"],
+        default="prompts",
+        help="Where the KL is measured: the pairs' prompt tokens, or the bundled neutral paragraphs.",
+    )
+    parser.add_argument(
         "--collect-batch-size", type=int, default=8, help="Sequences per forward pass while collecting."
     )
     parser.add_argument("--token-selection", choices=["last", "response"], default="last")
@@ -104,10 +131,12 @@ def _load_pairs(args: argparse.Namespace):
     return data.load_pairs_jsonl(path)
 
 
-def _write_report(report, folder: Path) -> None:
+def _write_report(report, folder: Path, preference=None) -> None:
     """The report files, written into the new adapter folder so that they change together with it."""
     report.to_json(folder / "report.json")
     report.plot_probe_accuracy(folder / "probe_accuracy.png")
+    if preference is not None:
+        (folder / "preference.json").write_text(json.dumps(preference.to_dict(), indent=2) + "\n")
 
 
 def _check_output_and_selection(args: argparse.Namespace) -> None:
@@ -144,6 +173,7 @@ def _run(args: argparse.Namespace) -> int:
             f"--top-k must be a positive int (or 0 together with --min-accuracy), got {args.top_k}."
         )
     _check_output_and_selection(args)
+    _preference_settings(args)
     pairs = _load_pairs(args)
     if args.max_pairs is not None:
         pairs = pairs[: args.max_pairs]
@@ -160,10 +190,12 @@ def _run(args: argparse.Namespace) -> int:
         **extra,
     )
     peft_model = get_peft_model(model, HPRConfig(target_layers=args.layers))
+    pairs, validation_pairs = _split_for_preference(args, pairs)
     report = fit_hpr(
         peft_model,
         tokenizer,
         pairs,
+        validation_pairs=validation_pairs,
         validation_fraction=args.val_fraction,
         top_k=args.top_k or None,
         min_accuracy=args.min_accuracy,
@@ -176,14 +208,81 @@ def _run(args: argparse.Namespace) -> int:
         collection_batch_size=args.collect_batch_size,
         progress=not args.no_progress,
     )
+    preference = None
+    if args.objective == "preference":
+        preference = _fit_preference(args, peft_model, tokenizer, pairs, validation_pairs)
     if rank == 0:
         out = Path(args.output)
         save_shareable_adapter(
             peft_model,
             out,
             only_selected_layers=args.only_selected_layers,
-            add_files=lambda folder: _write_report(report, folder),
+            add_files=lambda folder: _write_report(report, folder, preference),
         )
         print(report)
+        if preference is not None:
+            print(_preference_summary(preference))
         print(f"saved adapter, report.json and probe_accuracy.png to {out}")
     return 0
+
+
+def _split_for_preference(args: argparse.Namespace, pairs: list) -> tuple[list, list | None]:
+    """With ``--objective preference``: one seeded group split, so that neither stage trains on the
+    validation groups; otherwise the pairs as given (fit_hpr splits them itself)."""
+    from hpr_peft import data
+
+    if args.objective != "preference" or args.val_fraction == 0:
+        return pairs, None
+    if not (0.0 < args.val_fraction < 1.0):
+        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}.")
+    split = data.split_groups(
+        [p.group_id for p in pairs], fractions=(1 - args.val_fraction, args.val_fraction, 0.0), seed=args.seed
+    )
+    return data.filter_pairs(pairs, split.train), data.filter_pairs(pairs, split.validation)
+
+
+def _preference_settings(args: argparse.Namespace):
+    """The preference stage's settings, checked before any model is loaded (None for ``paper``)."""
+    from hpr_peft.fitting import PreferenceSettings
+
+    if args.objective != "preference":
+        return None
+    settings = PreferenceSettings(
+        epochs=args.pref_epochs,
+        lr=args.pref_lr,
+        batch_size=args.pref_batch_size,
+        beta=args.pref_beta,
+        kl_weight=args.kl_weight,
+        kl_on=args.kl_on,
+        seed=args.seed,
+    )
+    settings.validate()
+    return settings
+
+
+def _fit_preference(args: argparse.Namespace, model, tokenizer, pairs: list, validation_pairs: list | None):
+    from hpr_peft.evaluation.side_effects import load_neutral_paragraphs
+    from hpr_peft.fitting import fit_preference
+
+    neutral = load_neutral_paragraphs() if args.kl_on == "neutral" else None
+    return fit_preference(
+        model,
+        tokenizer,
+        pairs,
+        settings=_preference_settings(args),
+        neutral_paragraphs=neutral,
+        validation_pairs=validation_pairs,
+        progress=not args.no_progress,
+    )
+
+
+def _preference_summary(preference) -> str:
+    last = preference.epochs[-1]
+    line = f"preference fit of layers {preference.layers}: loss {last.loss:.4f}, margin {last.margin:.3f}"
+    if preference.val_after is not None:
+        before, after = preference.val_before, preference.val_after
+        line += (
+            f"; validation accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}, margin "
+            f"{before['margin']:.3f} -> {after['margin']:.3f} (best epoch {preference.best_epoch})"
+        )
+    return line

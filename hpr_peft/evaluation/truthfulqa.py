@@ -34,10 +34,18 @@ import torch
 from torch import nn
 
 from hpr_peft.data import QA_PRIMER, MCQuestion, answer_continuation, question_context
+from hpr_peft.data.encoding import encode_pair
 from hpr_peft.evaluation.mc_metrics import MCResult, mc_metrics
 from hpr_peft.evaluation.packing import TreeRow, pack_rows, plan_batches
 from hpr_peft.runtime.hooks import HookSet
-from hpr_peft.runtime.model_io import ContextFactory, cache_inputs, input_device, output_cache, pad_token_id
+from hpr_peft.runtime.model_io import (
+    ContextFactory,
+    HeadGather,
+    cache_inputs,
+    input_device,
+    output_cache,
+    pad_token_id,
+)
 from hpr_peft.runtime.progress import progress_bar
 
 __all__ = [
@@ -74,28 +82,6 @@ class AnswerWatcher(Protocol):
         ...
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text)["input_ids"])
-
-
-def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context tokens, continuation tokens) the way lm-eval's ``_encode_pair`` builds them.
-
-    Trailing whitespace of the context moves to the continuation; the continuation tokens are the
-    tokens of ``context + continuation`` after as many tokens as the context alone has.
-    """
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
-    whole = _encode(tokenizer, context + continuation)
-    context_ids = _encode(tokenizer, context)
-    continuation_ids = whole[len(context_ids) :]
-    if not continuation_ids:
-        raise ValueError(f"The continuation {continuation!r} tokenises to nothing after its context.")
-    return context_ids, continuation_ids
-
-
 @torch.no_grad()
 def score_answers_naive(
     model: nn.Module, tokenizer: Any, question: str, answers: Sequence[str], primer: str = QA_PRIMER
@@ -116,32 +102,6 @@ def score_answers_naive(
     return out
 
 
-class _HeadGather:
-    """Runs the LM head only at the positions of ``select`` (bool ``(batch, seq)``), flattened to
-    ``(1, N, d)``; the logits of a forward are then those ``N`` positions in row-major order."""
-
-    def __init__(self) -> None:
-        self.select: torch.Tensor | None = None
-
-    def attach(self, model: nn.Module, hooks: HookSet) -> bool:
-        """Hook the model's output embeddings; False (nothing hooked) when it has none."""
-        get = getattr(model, "get_output_embeddings", None)
-        head = get() if callable(get) else None
-        if not isinstance(head, nn.Module):
-            return False
-        hooks.forward_pre(head, self._gather)
-        return True
-
-    def _gather(self, module: nn.Module, args: tuple) -> tuple | None:
-        select = self.select
-        if select is None or not args:
-            return None
-        hidden = args[0]
-        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(select.shape):
-            return None
-        return (hidden[select].unsqueeze(0), *args[1:])
-
-
 @dataclass
 class _TokenizedQuestion:
     question: MCQuestion
@@ -158,7 +118,7 @@ class _Pass:
     device: torch.device
     prefix_cache: Any
     prefix_len: int
-    head: _HeadGather
+    head: HeadGather
     gathered: bool
 
 
@@ -244,7 +204,7 @@ class TruthfulQAScorer:
         return self._result(all_scores, keep_answer_scores, time.perf_counter() - start)
 
     def _start_pass(self, model: nn.Module, hooks: HookSet) -> _Pass:
-        head = _HeadGather()
+        head = HeadGather()
         gathered = head.attach(model, hooks)
         device = input_device(model)
         prefix_cache = None

@@ -7,6 +7,8 @@
 - :mod:`~hpr_peft.fitting.training`: :func:`train_editors`, one loop for every target.
 - :mod:`~hpr_peft.fitting.selection`: :func:`select_layers`.
 - :mod:`~hpr_peft.fitting.fit`: :func:`fit_hpr`, all of the above in one call.
+- :mod:`~hpr_peft.fitting.preference`: :func:`fit_preference`, the editors fine-tuned end to end on
+  answer likelihood (DPO-style margin + KL to the unedited model).
 - :mod:`~hpr_peft.fitting.report`: :class:`FitReport`.
 """
 
@@ -15,6 +17,13 @@ from hpr_peft.fitting.angle_targets import ANGLE_TARGETS
 from hpr_peft.fitting.answer_collector import AnswerCollector
 from hpr_peft.fitting.collection import collect_activations
 from hpr_peft.fitting.fit import LayerScorer, fit_hpr
+from hpr_peft.fitting.preference import (
+    PreferenceEpoch,
+    PreferenceReport,
+    PreferenceSettings,
+    fit_preference,
+    preference_margins,
+)
 from hpr_peft.fitting.report import FitReport, LayerFitResult
 from hpr_peft.fitting.selection import select_layers
 from hpr_peft.fitting.training import EditorWeights, train_editors
@@ -27,8 +36,13 @@ __all__ = [
     "LayerFitResult",
     "LayerScorer",
     "PairActivations",
+    "PreferenceEpoch",
+    "PreferenceReport",
+    "PreferenceSettings",
     "collect_activations",
     "fit_hpr",
+    "fit_preference",
+    "preference_margins",
     "select_layers",
     "train_editors",
 ]

@@ -22,6 +22,7 @@ from hpr_peft.runtime.hooks import HookSet, StopForward
 
 __all__ = [
     "ContextFactory",
+    "HeadGather",
     "broadcast_from_rank0",
     "cache_argument",
     "cache_inputs",
@@ -93,6 +94,32 @@ def input_device(model: nn.Module) -> torch.device:
     for parameter in model.parameters():
         return parameter.device
     return torch.device("cpu")
+
+
+class HeadGather:
+    """Runs the LM head only at the positions of ``select`` (bool ``(batch, seq)``), flattened to
+    ``(1, N, d)``; the logits of a forward are then those ``N`` positions in row-major order."""
+
+    def __init__(self) -> None:
+        self.select: torch.Tensor | None = None
+
+    def attach(self, model: nn.Module, hooks: HookSet) -> bool:
+        """Hook the model's output embeddings; False (nothing hooked) when it has none."""
+        get = getattr(model, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        if not isinstance(head, nn.Module):
+            return False
+        hooks.forward_pre(head, self._gather)
+        return True
+
+    def _gather(self, module: nn.Module, args: tuple) -> tuple | None:
+        select = self.select
+        if select is None or not args:
+            return None
+        hidden = args[0]
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(select.shape):
+            return None
+        return (hidden[select].unsqueeze(0), *args[1:])
 
 
 def unedited_context(model: nn.Module) -> ContextFactory:

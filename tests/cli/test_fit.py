@@ -155,3 +155,21 @@ def test_fit_cli_replaces_the_previous_adapter_atomically(tiny_dir, tmp_path, mo
     assert "killed while writing the weights" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_fit_cli_preference_objective_fine_tunes_the_selected_layers(tiny_dir, tmp_path, capsys):
+    data = write_pairs(tmp_path / "pairs.jsonl", 24)
+    argv = ["--model", str(tiny_dir), "--data", str(data), "--layers", "1,2,3", "--top-k", "2"]
+    argv += ["--epochs", "1", "--seed", "1", "--no-progress"]
+    assert run_fit([*argv, "--output", str(tmp_path / "paper")]) == 0
+    pref = ["--objective", "preference", "--pref-epochs", "2", "--kl-weight", "0.5", "--kl-on", "neutral"]
+    assert run_fit([*argv, *pref, "--output", str(tmp_path / "pref")]) == 0
+    assert "preference fit of layers" in capsys.readouterr().out
+    report = json.loads((tmp_path / "pref" / "preference.json").read_text())
+    config = json.loads((tmp_path / "pref" / "adapter_config.json").read_text())
+    assert report["layers"] == config["selected_layers"] and len(report["epochs"]) == 2
+    assert report["settings"]["kl_on"] == "neutral" and report["settings"]["kl_weight"] == 0.5
+    assert report["n_pairs"] + report["n_val_pairs"] == 24 and report["val_after"] is not None
+    assert not (tmp_path / "paper" / "preference.json").exists()
+    rc = run_fit([*argv, "--objective", "preference", "--kl-weight", "-1", "--output", str(tmp_path / "bad")])
+    assert rc == 2 and "kl_weight" in capsys.readouterr().err
