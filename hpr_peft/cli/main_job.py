@@ -111,6 +111,19 @@ def _add_comparison_arguments(parser: argparse.ArgumentParser) -> None:
         help="calibrated KL lies in [target*(1-tolerance), target] (default 0.1)",
     )
     parser.add_argument(
+        "--objective",
+        choices=["paper", "preference"],
+        default=None,
+        help="HPR training: the paper's objective, or that fit fine-tuned end to end on answer likelihood "
+        "with a KL penalty for the chosen layers (default paper)",
+    )
+    parser.add_argument(
+        "--preference-pairs-per-question",
+        type=int,
+        default=None,
+        help="training pairs per fit question for --objective preference (default 1)",
+    )
+    parser.add_argument(
         "--no-replay",
         action="store_true",
         help="run every block in every validation pass (default: blocks below the first edited one are "
@@ -137,6 +150,8 @@ def settings_from_args(args: argparse.Namespace):
         "top_ks": args.top_k,
         "calibration_tolerance": args.calibration_tolerance,
         "replay": False if args.no_replay else None,
+        "objective": args.objective,
+        "preference_pairs_per_question": args.preference_pairs_per_question,
         "validation_fraction": args.validation_fraction,
         "max_validation_questions": args.max_validation_questions,
         "epochs": args.epochs,

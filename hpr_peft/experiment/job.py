@@ -40,6 +40,7 @@ import torch
 from peft import get_peft_model
 
 from hpr_peft.data import (
+    ContrastivePair,
     Fold,
     GenerationQuestion,
     MCQuestion,
@@ -73,6 +74,7 @@ from hpr_peft.experiment.sweep import (
 )
 from hpr_peft.experiment.table import chance_levels, format_table
 from hpr_peft.fitting import AnswerCollector, PairActivations, fit_hpr
+from hpr_peft.fitting.preference import PreferenceSettings, fit_preference
 from hpr_peft.fitting.selection import rank_layers
 from hpr_peft.hub.shareable import save_shareable_adapter
 from hpr_peft.runtime.atomic_files import check_output_path, write_text_atomic
@@ -111,6 +113,7 @@ class _Job:
     model: Any
     tokenizer: Any
     questions: list[MCQuestion]
+    pairs: list[ContrastivePair]
     folds: list[Fold]
     activations: PairActivations
     unedited: MCResult
@@ -122,6 +125,15 @@ class _Job:
     def questions_of(self, ids: list[str]) -> list[MCQuestion]:
         by_id = {q.question_id: q for q in self.questions}
         return [by_id[q] for q in ids]
+
+    def pairs_of(self, ids: list[str], per_question: int) -> list[ContrastivePair]:
+        """The first ``per_question`` pairs of each question in ``ids``."""
+        wanted, taken, out = set(ids), dict.fromkeys(ids, 0), []
+        for pair in self.pairs:
+            if pair.group_id in wanted and taken[pair.group_id] < per_question:
+                taken[pair.group_id] += 1
+                out.append(pair)
+        return out
 
 
 @dataclass
@@ -220,6 +232,7 @@ def _prepare(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | None,
         model,
         tokenizer,
         questions,
+        pairs,
         folds,
         activations,
         unedited,
@@ -290,7 +303,7 @@ def _run_fold(job: _Job, fold: Fold, clock: _Clock) -> _FoldOutcome:
     clock.lap("fit")
     accuracies = {r.layer: float(r.selection_accuracy) for r in fit_report.layers}
     search = _FoldSearch(
-        job, fold.index, job.questions_of(val_ids), fit_acts, rank_layers(fit_report.layers), accuracies
+        job, fold.index, job.questions_of(val_ids), fit_acts, rank_layers(fit_report.layers), accuracies, fit_ids
     )
     chosen = {method: search.choose(method) for method in METHODS}
     clock.lap("validation_sweep")
@@ -302,6 +315,7 @@ def _run_fold(job: _Job, fold: Fold, clock: _Clock) -> _FoldOutcome:
         "probe_accuracy": accuracies,
         "layer_ranking": search.probe_ranking,
         "ranking_comparison": search.comparisons,
+        "preference": search.preference,
         "validation_unedited": job.unedited.subset(val_ids).summary(),
         "validation_sweep": search.rows(),
         "chosen": {},
@@ -342,6 +356,7 @@ class _FoldSearch:
         fit_activations: PairActivations,
         probe_ranking: list[int],
         probe_accuracy: dict[int, float],
+        fit_ids: list[str],
     ) -> None:
         s = job.settings
         self.job, self.fold_index, self.fit_activations = job, fold_index, fit_activations
@@ -353,7 +368,9 @@ class _FoldSearch:
             job.model, job.neutral, s.calibration_tolerance, s.max_alpha, self._record_replay()
         )
         self.probe_accuracy = probe_accuracy
+        self.fit_ids, self.validation_ids = fit_ids, [q.question_id for q in validation]
         self.comparisons: dict[str, Any] = {}
+        self.preference: dict[str, Any] | None = None
 
     def _first_edited_block(self) -> int:
         """The lowest block any candidate of this fold can edit."""
@@ -398,12 +415,37 @@ class _FoldSearch:
             bar.update(1)
         bar.close()
         self.comparisons[method] = ranking_comparison(screen, self.probe_accuracy)
-        return [*layer_sets(effect_ranking(screen), s.top_ks), by_probe[-1]]
+        by_effect = layer_sets(effect_ranking(screen), s.top_ks)
+        if self._tunes(method):  # the tuned editors are the only HPR candidates
+            return by_effect
+        return [*by_effect, by_probe[-1]]
+
+    def _tunes(self, method: str) -> bool:
+        return method == "hpr" and self.job.settings.objective == "preference"
+
+    def _fine_tune(self, layers: tuple[int, ...]) -> None:
+        """Train the editors of ``layers`` jointly on the preference objective (fit pairs only; the
+        validation pairs pick the best epoch)."""
+        s = self.job.settings
+        hpr_tuner(self.job.model).set_selected_layers(list(layers))
+        report = fit_preference(
+            self.job.model,
+            self.job.tokenizer,
+            self.job.pairs_of(self.fit_ids, s.preference_pairs_per_question),
+            layers=list(layers),
+            settings=PreferenceSettings(epochs=s.preference_epochs, seed=s.seed + self.fold_index),
+            validation_pairs=self.job.pairs_of(self.validation_ids[: s.screen_questions], 1),
+            progress=s.progress,
+        )
+        self.preference = report.to_dict()
 
     def choose(self, method: str) -> dict[float, Measurement | None]:
         """Per KL target the candidate of ``method`` with the best validation MC2 at that budget."""
         s = self.job.settings
-        candidates = self._candidates(method, self.layer_sets(method))
+        sets = self.layer_sets(method)
+        if self._tunes(method):
+            self._fine_tune(max(sets, key=len))
+        candidates = self._candidates(method, sets)
         bar = progress_bar(
             len(candidates) * len(s.kl_targets), f"fold {self.fold_index} {method} validation", s.progress
         )

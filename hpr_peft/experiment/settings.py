@@ -11,11 +11,14 @@ from hpr_peft.fitting.angle_targets import ANGLE_TARGETS
 from hpr_peft.fitting.selection import check_selection
 from hpr_peft.tuner.config import validate_alpha
 
-__all__ = ["LAYER_SEARCHES", "MODEL_DEFAULTS", "JobSettings"]
+__all__ = ["LAYER_SEARCHES", "MODEL_DEFAULTS", "OBJECTIVES", "JobSettings"]
 
 # How each fold picks the edited layers: "effect" screens single layers by validation ΔMC2 at the
 # smallest KL target; "probe" takes the layers with the best validation probe accuracy.
 LAYER_SEARCHES = ("effect", "probe")
+# How the HPR editors are trained: the paper's objective on cached activations, or that fit then
+# fine-tuned end to end on answer likelihood (hpr_peft.fitting.preference) for the largest layer set.
+OBJECTIVES = ("paper", "preference")
 
 # Recommended settings per bundled model, used by ``hpr-peft main`` where the command line is silent.
 # Gemma-3's residual stream is dominated by a few massive dimensions shared by every token, so the
@@ -50,6 +53,9 @@ class JobSettings:
     screen_questions: int = 80
     top_ks: tuple[int, ...] = (1, 3)
     replay: bool = True
+    objective: str = "paper"
+    preference_pairs_per_question: int = 1
+    preference_epochs: int = 1
     epochs: int = 5
     normalize_additive: bool = True
     monitor_questions: int = 40
@@ -83,7 +89,9 @@ class JobSettings:
             raise ValueError(
                 f"layer_search must be one of {list(LAYER_SEARCHES)}, got {self.layer_search!r}."
             )
-        for name in ("screen_layers", "screen_questions"):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}.")
+        for name in ("screen_layers", "screen_questions", "preference_pairs_per_question", "preference_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
