@@ -1,13 +1,16 @@
 """``hpr-peft eval``: TruthfulQA MC1/MC2 of a model (optionally with an HPR adapter) with side effects.
 
 The adapter loads through :func:`hpr_peft.load_adapter` (safetensors only, validated); ``--alpha``,
-the question ids and ``--output`` are checked before the model is loaded.
+``--max-kl``, the question ids and ``--output`` are checked before the model is loaded. ``--max-kl``
+evaluates the adapter at the strongest ``alpha`` whose KL on the neutral corpus stays within the
+budget (:func:`hpr_peft.evaluation.calibration.calibrate_on_neutral`), recorded in ``eval.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 
@@ -17,6 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--adapter", default=None, help="folder (or Hub id) of a saved HPR adapter")
     parser.add_argument("--alpha", type=float, default=None, help="override the adapter's alpha")
+    parser.add_argument(
+        "--max-kl",
+        type=float,
+        default=None,
+        help="instead of --alpha: the strongest alpha whose mean KL per token on the neutral corpus "
+        "stays within this budget (nats), calibrated before evaluating",
+    )
     parser.add_argument(
         "--questions",
         default=None,
@@ -58,6 +68,8 @@ def _check_before_loading(args: argparse.Namespace) -> tuple[float | None, list[
     check_output_path(Path(args.output) / "eval.json", "file")
     if args.alpha is not None and not args.adapter:
         raise ValueError("--alpha sets the strength of an adapter: pass --adapter DIR as well.")
+    if args.max_kl is not None:
+        _check_max_kl(args)
     if args.adapter:
         from hpr_peft.hub.adapter_files import check_hpr_peft_type
         from hpr_peft.hub.load import fetch_adapter
@@ -77,6 +89,26 @@ def _check_before_loading(args: argparse.Namespace) -> tuple[float | None, list[
     return alpha, question_ids
 
 
+def _check_max_kl(args: argparse.Namespace) -> None:
+    if args.alpha is not None:
+        raise ValueError("--alpha and --max-kl both set the strength: pass one of them.")
+    if not args.adapter:
+        raise ValueError("--max-kl calibrates the strength of an adapter: pass --adapter DIR as well.")
+    if not math.isfinite(args.max_kl) or args.max_kl <= 0:
+        raise ValueError(
+            f"--max-kl must be a KL budget > 0 in nats per token (e.g. 0.05), got {args.max_kl}."
+        )
+
+
+def _calibrate(model, tokenizer, max_kl: float) -> dict:
+    """The calibration of the loaded adapter to ``max_kl`` (printed), as a dict for eval.json."""
+    from hpr_peft.evaluation.calibration import calibrate_on_neutral
+
+    calibration = calibrate_on_neutral(model, tokenizer, max_kl)
+    print(f"alpha {calibration.alpha:.4g}: KL {calibration.kl:.4g} on the neutral corpus (budget {max_kl:g})")
+    return calibration.to_dict()
+
+
 def run(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -91,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     alpha, question_ids = _check_before_loading(args)
     model, tokenizer = load_model(args.model, progress=not args.no_progress)
-    context = None
+    context, calibration = None, None
     if args.adapter:
         from hpr_peft.hub import load_adapter
         from hpr_peft.runtime.progress import quiet_library_bars
@@ -99,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
         with quiet_library_bars(args.no_progress):
             model = load_adapter(model, args.adapter)
         model.eval()
+        if args.max_kl is not None:
+            calibration = _calibrate(model, tokenizer, args.max_kl)
+            alpha = calibration["alpha"]
         if alpha is not None:
             from hpr_peft.tuner.control import edit_settings
 
@@ -116,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
     )
     result["model"] = args.model
     result["adapter"] = args.adapter
+    if calibration is not None:
+        result["kl_calibration"] = calibration
     write_text_atomic(Path(args.output) / "eval.json", json.dumps(result, indent=1))
     tq = result["truthfulqa"]
     line = f"MC1 {100 * tq['mc1']:.1f} ± {100 * tq['mc1_se']:.1f} %  MC2 {100 * tq['mc2']:.1f} ± {100 * tq['mc2_se']:.1f} %"

@@ -6,7 +6,9 @@ keeps only the editors of the layers that edit), ``report.json`` and ``probe_acc
 is checked before the model is loaded. ``--objective preference`` fine-tunes the fitted editors of the
 selected layers on the same training pairs with :func:`hpr_peft.fitting.fit_preference` (answer
 likelihood through the frozen model, docs/fitting.md) and adds ``preference.json``; the validation
-groups then come from one seeded split shared by both stages. Works under
+groups then come from one seeded split shared by both stages. ``--max-kl`` saves the adapter at the
+strongest ``alpha`` whose KL on the neutral corpus stays within the budget (recorded in the report as
+``settings.kl_calibration``), after any preference stage. Works under
 ``accelerate launch --num_processes N`` (collection is split across processes; rank 0 writes).
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -115,6 +118,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Save only the editors of the selected (editing) layers: a smaller adapter, same logits.",
     )
+    parser.add_argument(
+        "--max-kl",
+        type=float,
+        default=None,
+        help="After fitting, save the strongest alpha whose mean KL per token on the neutral corpus stays "
+        "within this budget (nats, e.g. 0.05) instead of alpha 1.",
+    )
     parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
 
 
@@ -146,6 +156,24 @@ def _check_output_and_selection(args: argparse.Namespace) -> None:
 
     check_output_path(args.output, "directory")
     check_selection(args.top_k or None, args.min_accuracy)
+    if args.max_kl is not None and not (math.isfinite(args.max_kl) and args.max_kl > 0):
+        raise ValueError(
+            f"--max-kl must be a KL budget > 0 in nats per token (e.g. 0.05), got {args.max_kl}."
+        )
+
+
+def _calibrate(peft_model, tokenizer, report, max_kl: float) -> None:
+    """Set the adapter's alpha to the ``max_kl`` budget and record the calibration in the report
+    (``report.json`` and the config's ``fit_results``)."""
+    from hpr_peft.evaluation.calibration import calibrate_on_neutral
+    from hpr_peft.tuner.control import hpr_tuner
+
+    calibration = calibrate_on_neutral(peft_model, tokenizer, max_kl)
+    tuner = hpr_tuner(peft_model)
+    tuner.set_alpha(calibration.alpha)
+    report.settings["kl_calibration"] = calibration.to_dict()
+    tuner.peft_config[tuner.resolve_adapter(None)].fit_results = report.to_dict()
+    print(f"alpha {calibration.alpha:.4g}: KL {calibration.kl:.4g} on the neutral corpus (budget {max_kl:g})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -212,6 +240,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.objective == "preference":
         preference = _fit_preference(args, peft_model, tokenizer, pairs, validation_pairs)
     if rank == 0:
+        if args.max_kl is not None:
+            _calibrate(peft_model, tokenizer, report, args.max_kl)
         out = Path(args.output)
         save_shareable_adapter(
             peft_model,

@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any
 
 import torch
@@ -158,11 +159,11 @@ def _check_inputs(
     target_kl: float, tolerance: float, start_alpha: float, max_alpha: float, max_evaluations: int
 ) -> None:
     for name, value in (("target_kl", target_kl), ("start_alpha", start_alpha), ("max_alpha", max_alpha)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}.")
         if value <= 0:
             raise ValueError(f"{name} must be > 0, got {value!r}.")
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, Real) or not 0 < tolerance < 1:
         raise ValueError(
             f"tolerance must be a number in (0, 1) (0.1: a KL within 10% below the target), got {tolerance!r}."
         )

@@ -102,6 +102,8 @@ def test_fit_cli_errors(tiny_dir, tmp_path, capsys):
     assert rc == 2 and "out of range" in capsys.readouterr().err
     rc = run_fit(["--model", str(tiny_dir), "--data", str(data), "--top-k", "0", "--output", out])
     assert rc == 2 and "--min-accuracy" in capsys.readouterr().err
+    rc = run_fit(["--model", str(tiny_dir), "--data", str(data), "--max-kl", "0", "--output", out])
+    assert rc == 2 and "--max-kl must be a KL budget > 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run_fit(["--model", str(tiny_dir), "--data", str(data), "--layers", "a,b", "--output", out])
     with pytest.raises(SystemExit):
@@ -173,3 +175,29 @@ def test_fit_cli_preference_objective_fine_tunes_the_selected_layers(tiny_dir, t
     assert not (tmp_path / "paper" / "preference.json").exists()
     rc = run_fit([*argv, "--objective", "preference", "--kl-weight", "-1", "--output", str(tmp_path / "bad")])
     assert rc == 2 and "kl_weight" in capsys.readouterr().err
+
+
+def test_fit_cli_max_kl_saves_the_calibrated_alpha(tiny_dir, tmp_path, capsys):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "out"
+    argv = [
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(data),
+        "--layers",
+        "1,2,3",
+        "--top-k",
+        "2",
+        "--epochs",
+        "2",
+    ]
+    assert run_fit([*argv, "--max-kl", "0.001", "--output", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    config = json.loads((out / "adapter_config.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    calibration = report["settings"]["kl_calibration"]
+    assert config["alpha"] == calibration["alpha"] != 1.0
+    assert 0.0009 <= calibration["kl"] <= 0.001 and calibration["target_kl"] == 0.001
+    assert config["fit_results"]["settings"]["kl_calibration"] == calibration
+    assert f"alpha {calibration['alpha']:.4g}: KL {calibration['kl']:.4g}" in printed

@@ -115,7 +115,7 @@ def test_exhausted_evaluations_return_the_best_within_budget_or_fail_without_one
         result = calibrate(lambda a: 0.01 * a**2, 0.5, max_evaluations=2)
     assert result.alpha == 2.0 and result.kl == pytest.approx(0.04)
     assert "after 2 evaluations" in caplog.text
-    with pytest.raises(ValueError, match="no alpha within the KL budget.*raise max_evaluations"):
+    with pytest.raises(ValueError, match=r"no alpha within the KL budget.*raise max_evaluations"):
         calibrate(lambda a: 1e4 * a**2, 0.5, max_evaluations=2)
 
 
@@ -216,7 +216,7 @@ def test_calibrate_alpha_for_each_method_and_its_errors(tiny_hpr):
 
 def test_the_heldout_corpus_is_new_prose_of_the_same_size():
     calibration, heldout = load_neutral_paragraphs(), load_neutral_paragraphs(which="heldout")
-    assert 15 <= len(heldout) and 1500 <= sum(len(p.split()) for p in heldout) <= 2500
+    assert len(heldout) >= 15 and 1500 <= sum(len(p.split()) for p in heldout) <= 2500
     first_words = {" ".join(p.split()[:3]) for p in calibration}
     assert not first_words & {" ".join(p.split()[:3]) for p in heldout}
     sentences = {s.strip() for p in calibration for s in p.split(".")}
