@@ -303,7 +303,13 @@ def _run_fold(job: _Job, fold: Fold, clock: _Clock) -> _FoldOutcome:
     clock.lap("fit")
     accuracies = {r.layer: float(r.selection_accuracy) for r in fit_report.layers}
     search = _FoldSearch(
-        job, fold.index, job.questions_of(val_ids), fit_acts, rank_layers(fit_report.layers), accuracies, fit_ids
+        job,
+        fold.index,
+        job.questions_of(val_ids),
+        fit_acts,
+        rank_layers(fit_report.layers),
+        accuracies,
+        fit_ids,
     )
     chosen = {method: search.choose(method) for method in METHODS}
     clock.lap("validation_sweep")

@@ -91,7 +91,12 @@ class JobSettings:
             )
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}.")
-        for name in ("screen_layers", "screen_questions", "preference_pairs_per_question", "preference_epochs"):
+        for name in (
+            "screen_layers",
+            "screen_questions",
+            "preference_pairs_per_question",
+            "preference_epochs",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
