@@ -70,6 +70,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "theta* (moves a negative to its positive's probe coordinate; two-stage training).",
     )
     parser.add_argument(
+        "--rotation-direction",
+        choices=["probe", "mean_difference"],
+        default="probe",
+        help="Turn flagged tokens toward the probe's direction (the paper's) or the mean difference "
+        "mean(x+) - mean(x-) of the fitting activations; the probe still decides which tokens.",
+    )
+    parser.add_argument(
+        "--exclude-massive-dims",
+        type=int,
+        default=0,
+        help="Leave the K dimensions with the largest mean h_i^2 out of the rotation (0 = none; "
+        "for models with massive activations such as Gemma-3).",
+    )
+    parser.add_argument(
         "--collect-batch-size", type=int, default=8, help="Sequences per forward pass while collecting."
     )
     parser.add_argument("--token-selection", choices=["last", "response"], default="last")
@@ -159,7 +173,12 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         **extra,
     )
-    peft_model = get_peft_model(model, HPRConfig(target_layers=args.layers))
+    config = HPRConfig(
+        target_layers=args.layers,
+        rotation_direction=args.rotation_direction,
+        exclude_massive_dims=args.exclude_massive_dims,
+    )
+    peft_model = get_peft_model(model, config)
     report = fit_hpr(
         peft_model,
         tokenizer,
