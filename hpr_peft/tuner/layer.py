@@ -164,7 +164,8 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         Before a fit the direction is the probe's own (so the edit starts as the probe-direction edit) and
         the protected dimensions are the first ``k`` (the tuner and ``fit_hpr`` choose them)."""
         for container in (self.hpr_direction, self.hpr_protected):
-            container.pop(adapter_name, None)
+            if adapter_name in container:
+                del container[adapter_name]
         if config.rotation_direction == "mean_difference":
             direction = RotationDirection(self.hidden_size)
             with torch.no_grad():
