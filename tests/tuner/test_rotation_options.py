@@ -94,10 +94,13 @@ def test_save_and_load_round_trip_is_bit_identical(tmp_path):
     assert any(k.endswith("1.hpr_direction.weight") for k in tensors)
     index_keys = [k for k in tensors if "hpr_protected" in k]
     assert index_keys and all(tensors[k].tolist() == [5, 17] for k in index_keys)
-    loaded = PeftModel.from_pretrained(make_tiny_causal_lm("llama"), tmp_path)
-    assert loaded.peft_config["default"].rotation_direction == "mean_difference"
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, expected)
+    for low_cpu_mem_usage in (False, True):
+        loaded = PeftModel.from_pretrained(
+            make_tiny_causal_lm("llama"), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage
+        )
+        assert loaded.peft_config["default"].rotation_direction == "mean_difference"
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, expected)
 
 
 def test_damaged_or_mismatched_protected_dims_are_refused_on_load(tmp_path):
