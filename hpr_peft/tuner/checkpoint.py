@@ -123,6 +123,8 @@ def _check_protected_dims(expected: Mapping, given: Mapping, where: str) -> None
     """Protected dimensions must be distinct indices below the hidden size (a damaged file could
     otherwise index out of range at the first forward pass)."""
     sizes = {v.shape[-1] for k, v in expected.items() if ".hpr_probe." in k}
+    if not sizes:
+        return
     for key, index in given.items():
         if ".hpr_protected." not in key or index.numel() == 0 or index.device.type == "meta":
             continue

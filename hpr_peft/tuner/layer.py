@@ -242,7 +242,6 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         for module in (probe, net, self.hpr_gain[adapter_name], *self._rotation_modules(adapter_name)):
             if any(t.device.type == "meta" for t in [*module.parameters(), *module.buffers()]):
                 module.to_empty(device=device or torch.device("cpu"))
-        self._install_rotation_options(adapter_name, direction, protected_dims)
         expected = set(net.state_dict().keys())
         given = set(angle_state_dict.keys())
         if given != expected:
@@ -250,6 +249,7 @@ class HPRLayer(nn.Module, BaseTunerLayer):
                 f"angle_state_dict keys {sorted(given)} do not match the angle net of layer {self.layer_index} "
                 f"({sorted(expected)}); build it with build_angle_net(d, config.angle_hidden_sizes)."
             )
+        self._install_rotation_options(adapter_name, direction, protected_dims)
         with torch.no_grad():
             self.hpr_gain[adapter_name].weight.fill_(float(gain))
             probe.weight[0].copy_(probe_weight.to(probe.weight.device, probe.weight.dtype))

@@ -722,9 +722,12 @@ def test_protected_dims_keep_their_values_and_the_norm_is_preserved(pc) -> None:
     assert torch.equal(_bits(out[..., mask]), _bits(expected[..., mask]))
 
 
+@pytest.mark.parametrize("index_path", [True, False], ids=["index", "where"])
 @SETTINGS
 @given(pc=protected_cases(dtypes=(torch.float32, torch.float64)), mask_seed=st.integers(0, 2**31 - 1))
-def test_a_zero_angle_or_an_unflagged_token_is_identity_with_protected_dims(pc, mask_seed: int) -> None:
+def test_a_zero_angle_or_an_unflagged_token_is_identity_with_protected_dims(
+    pc, mask_seed: int, index_path: bool
+) -> None:
     case, protected = pc
     still = pseudo_rotate(case.h, case.w, 0.0, protected)
     tol = 1e-5 if case.dtype == torch.float32 else 1e-12
@@ -732,11 +735,14 @@ def test_a_zero_angle_or_an_unflagged_token_is_identity_with_protected_dims(pc, 
     assert ((still.double() - case.h.double()).abs() <= tol * scale).all()
     g = torch.Generator().manual_seed(mask_seed)
     mask = torch.rand(case.h.shape[:-1], generator=g) < 0.5
-    out = apply_hpr(case.h, case.w, case.theta, mask, protected)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rotation, "_index_path", lambda device: index_path)  # False: the accelerator path
+        out = apply_hpr(case.h, case.w, case.theta, mask, protected)
+        nothing = apply_hpr(case.h, case.w, case.theta, torch.zeros_like(mask), protected)
     assert torch.equal(_bits(out[~mask]), _bits(case.h[~mask]))
-    assert torch.equal(
-        _bits(apply_hpr(case.h, case.w, case.theta, torch.zeros_like(mask), protected)), _bits(case.h)
-    )
+    assert torch.equal(_bits(nothing), _bits(case.h))
+    rotated = pseudo_rotate(case.h[mask], case.w, case.theta[mask], protected)
+    assert ((out[mask].double() - rotated.double()).abs() <= 1e-4 * scale[mask]).all()
 
 
 @SETTINGS
