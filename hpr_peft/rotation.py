@@ -27,6 +27,7 @@ real SmolLM2 activations in float32). :func:`pseudo_rotate` computes the same ro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -35,13 +36,17 @@ __all__ = [
     "apply_hpr",
     "edit_mask",
     "mask_from_logits",
+    "massive_dimensions",
+    "mean_difference_direction",
     "probe_consistent_angle",
     "probe_logits",
     "pseudo_rotate",
     "reflect",
     "reflection_angle",
+    "rotate_outside",
     "slerp_reference",
     "unit_direction",
+    "zero_dims",
 ]
 
 # A token whose component orthogonal to the probe is below PARALLEL_TOL * |h| (relative to the
@@ -447,7 +452,9 @@ def _prepare(
     return h2, w_hat, w_zero, theta_b.reshape(-1)
 
 
-def pseudo_rotate(h: torch.Tensor, w: torch.Tensor, theta: torch.Tensor | float) -> torch.Tensor:
+def pseudo_rotate(
+    h: torch.Tensor, w: torch.Tensor, theta: torch.Tensor | float, protected: torch.Tensor | None = None
+) -> torch.Tensor:
     """Turn every token of ``h`` by ``theta`` radians towards the probe direction ``ŵ``, keeping ``|h|``.
 
     ``h``: ``(..., d)``; ``w``: ``(d,)``; ``theta``: scalar or ``(...)`` (broadcast to ``h.shape[:-1]``).
@@ -459,7 +466,14 @@ def pseudo_rotate(h: torch.Tensor, w: torch.Tensor, theta: torch.Tensor | float)
     within ~64 eps; the plane is undefined there) and ``w = 0``. ``w·h = 0`` rotates towards ``ŵ``.
 
     Every token is rotated (no probe test): use :func:`apply_hpr` to edit only flagged tokens.
+
+    ``w`` is the direction turned toward: the probe's weight, or any other direction (e.g. the
+    mean difference of :func:`mean_difference_direction`); only its direction matters. ``protected``
+    (int64 ``(k,)`` dimension indices, e.g. :func:`massive_dimensions`) restricts the rotation to the
+    other coordinates: see :func:`rotate_outside`.
     """
+    if protected is not None and _check_protected(protected, h).numel():
+        return rotate_outside(pseudo_rotate, h, w, protected, theta)
     h2, w_hat, w_zero, theta_f = _prepare(h, w, theta)
     out, degenerate = _rotate_rows(h2.to(w_hat.dtype), w_hat, w_zero, theta_f)
     out = out.to(h.dtype)
@@ -467,7 +481,11 @@ def pseudo_rotate(h: torch.Tensor, w: torch.Tensor, theta: torch.Tensor | float)
 
 
 def apply_hpr(
-    h: torch.Tensor, w: torch.Tensor, theta: torch.Tensor | float, mask: torch.Tensor
+    h: torch.Tensor,
+    w: torch.Tensor,
+    theta: torch.Tensor | float,
+    mask: torch.Tensor,
+    protected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`pseudo_rotate` where ``mask`` is True; every other token is returned bit for bit.
 
@@ -475,8 +493,10 @@ def apply_hpr(
     only read where ``mask`` is True. On CPU only the masked rows are computed (gather, rotate,
     scatter into a copy of ``h``); on accelerators every row is computed and merged with one
     ``torch.where``, which needs no host synchronisation. Returns ``h`` itself if nothing is masked
-    on CPU.
+    on CPU. ``w`` and ``protected`` as in :func:`pseudo_rotate`.
     """
+    if protected is not None and _check_protected(protected, h).numel():
+        return rotate_outside(apply_hpr, h, w, protected, theta, mask)
     h2, w_hat, w_zero, theta_f = _prepare(h, w, theta)
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         got = f"dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
@@ -497,6 +517,79 @@ def apply_hpr(
     out, degenerate = _rotate_rows(h2.to(cdt), w_hat, w_zero, theta_f)
     keep = degenerate | ~mask_f
     return torch.where(keep.unsqueeze(-1), h2, out.to(h.dtype)).reshape(h.shape)
+
+
+def _check_protected(protected: object, h: object) -> torch.Tensor:
+    """Validate ``protected`` (shape and dtype only: a range check would synchronise the device)."""
+    if not isinstance(protected, torch.Tensor) or protected.dtype != torch.long or protected.dim() != 1:
+        got = (
+            f"dtype {protected.dtype}, shape {tuple(protected.shape)}"
+            if isinstance(protected, torch.Tensor)
+            else type(protected).__name__
+        )
+        raise TypeError(
+            f"protected must be a 1-D int64 tensor of dimension indices (e.g. from massive_dimensions), got {got}."
+        )
+    if isinstance(h, torch.Tensor) and protected.device != h.device:
+        raise ValueError(f"protected is on {protected.device} but h is on {h.device}; move it to h's device.")
+    return protected
+
+
+def zero_dims(x: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` with the coordinates ``protected`` (of the last dim) set to 0: the projection of
+    ``x`` onto the subspace that a rotation with those dimensions protected turns in."""
+    return x.index_fill(-1, _check_protected(protected, x), 0.0)
+
+
+def rotate_outside(
+    rotate: Callable[..., torch.Tensor], h: torch.Tensor, w: torch.Tensor, protected: torch.Tensor, *args
+) -> torch.Tensor:
+    """``rotate`` (:func:`pseudo_rotate` or :func:`apply_hpr`) applied to the coordinates of ``h`` outside
+    ``protected``, toward the part of ``w`` outside them; the ``protected`` coordinates are copied back.
+
+    With ``P`` zeroing the protected coordinates, the result is ``h'`` with ``h'[protected] = h[protected]``
+    (bit for bit) and ``P h' = rotate(P h, P w, ...)``: ``|P h'| = |P h|``, so ``|h'| = |h|`` exactly as
+    before. Tokens whose rotated part is unchanged (not flagged, degenerate, ``P w = 0``) come back bit for
+    bit. O(k) extra per token; no ``d x d`` matrix.
+    """
+    h, w = _check_h_w(h, w)
+    rest = zero_dims(h, protected)
+    out = rotate(rest, zero_dims(w, protected), *args)
+    if out is rest:
+        return h
+    return out.index_copy(-1, protected, h.index_select(-1, protected))
+
+
+def massive_dimensions(states: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` dimensions with the largest mean square ``mean(h_i²)`` over ``states`` ``(n, d)``,
+    sorted, int64 ``(k,)``: the "massive" coordinates that every token shares (a few of them hold most
+    of ``|h|²`` in Gemma-3). Scaled by the largest entry first, so any finite scale works."""
+    states = _check_tensor("states", states)
+    if states.dim() != 2 or states.shape[0] == 0:
+        raise ValueError(f"states must have shape (n, d) with n >= 1, got {tuple(states.shape)}.")
+    if isinstance(k, bool) or not isinstance(k, int) or not (0 <= k < states.shape[1]):
+        raise ValueError(f"k must be an int in [0, d) = [0, {states.shape[1]}), got {k!r}.")
+    x = states.to(_compute_dtype(states.dtype))
+    scale = _safe_recip(x.abs().amax())
+    mean_square = (x * scale).pow(2).mean(0)
+    return torch.topk(mean_square, k).indices.sort().values
+
+
+def mean_difference_direction(positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """``u = (mean(x⁺) − mean(x⁻)) / |…|``, ``(d,)`` float32, from ``(n⁺, d)`` positives and ``(n⁻, d)``
+    negatives: ITI's mass-mean shift. Accumulated in float64; the zero vector if the means are equal
+    (a rotation toward it then leaves every token unchanged)."""
+    positives = _check_tensor("positives", positives)
+    negatives = _check_tensor("negatives", negatives)
+    if positives.dim() != 2 or negatives.dim() != 2 or positives.shape[1] != negatives.shape[1]:
+        raise ValueError(
+            "positives and negatives must have shapes (n+, d) and (n-, d) with the same d, got "
+            f"{tuple(positives.shape)} and {tuple(negatives.shape)}."
+        )
+    if positives.shape[0] == 0 or negatives.shape[0] == 0:
+        raise ValueError("mean_difference_direction needs at least one positive and one negative row.")
+    difference = positives.double().mean(0) - negatives.double().mean(0)
+    return unit_direction(difference)[0].float()
 
 
 def slerp_reference(h: torch.Tensor, w: torch.Tensor, theta: torch.Tensor | float) -> torch.Tensor:

@@ -76,29 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Angle-net target: 'paper' = angle(x-, x+) (the paper's); 'probe' = the probe-consistent angle "
         "theta* (moves a negative to its positive's probe coordinate; two-stage training).",
     )
-    parser.add_argument(
-        "--objective",
-        choices=["paper", "preference"],
-        default="paper",
-        help="'paper' = the paper's per-layer probe + angle loss on activations; 'preference' = that, then "
-        "the selected layers' editors fine-tuned end to end on answer likelihood (DPO-style, KL-penalised).",
-    )
-    parser.add_argument("--pref-epochs", type=int, default=1, help="Epochs of the preference stage.")
-    parser.add_argument("--pref-lr", type=float, default=5e-3, help="Learning rate of the preference stage.")
-    parser.add_argument("--pref-batch-size", type=int, default=8, help="Pairs per preference step.")
-    parser.add_argument("--pref-beta", type=float, default=1.0, help="Scale of the preference margin.")
-    parser.add_argument(
-        "--kl-weight",
-        type=float,
-        default=1.0,
-        help="Weight of KL(edited || unedited) in the preference loss.",
-    )
-    parser.add_argument(
-        "--kl-on",
-        choices=["prompts", "neutral"],
-        default="prompts",
-        help="Where the KL is measured: the pairs' prompt tokens, or the bundled neutral paragraphs.",
-    )
+    _add_objective_arguments(parser)
     parser.add_argument(
         "--collect-batch-size", type=int, default=8, help="Sequences per forward pass while collecting."
     )
@@ -126,6 +104,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "within this budget (nats, e.g. 0.05) instead of alpha 1.",
     )
     parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+
+
+def _add_objective_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training objective (paper / preference) and the rotation options."""
+    parser.add_argument(
+        "--objective",
+        choices=["paper", "preference"],
+        default="paper",
+        help="'paper' = the paper's per-layer probe + angle loss on activations; 'preference' = that, then "
+        "the selected layers' editors fine-tuned end to end on answer likelihood (DPO-style, KL-penalised).",
+    )
+    parser.add_argument("--pref-epochs", type=int, default=1, help="Epochs of the preference stage.")
+    parser.add_argument("--pref-lr", type=float, default=5e-3, help="Learning rate of the preference stage.")
+    parser.add_argument("--pref-batch-size", type=int, default=8, help="Pairs per preference step.")
+    parser.add_argument("--pref-beta", type=float, default=1.0, help="Scale of the preference margin.")
+    parser.add_argument(
+        "--kl-weight",
+        type=float,
+        default=1.0,
+        help="Weight of KL(edited || unedited) in the preference loss.",
+    )
+    parser.add_argument(
+        "--kl-on",
+        choices=["prompts", "neutral"],
+        default="prompts",
+        help="Where the KL is measured: the pairs' prompt tokens, or the bundled neutral paragraphs.",
+    )
+    parser.add_argument(
+        "--rotation-direction",
+        choices=["probe", "mean_difference"],
+        default="probe",
+        help="Turn flagged tokens toward the probe's direction (the paper's) or the mean difference "
+        "mean(x+) - mean(x-) of the fitting activations; the probe still decides which tokens.",
+    )
+    parser.add_argument(
+        "--exclude-massive-dims",
+        type=int,
+        default=0,
+        help="Leave the K dimensions with the largest mean h_i^2 out of the rotation (0 = none; "
+        "for models with massive activations such as Gemma-3).",
+    )
 
 
 def _load_pairs(args: argparse.Namespace):
@@ -184,16 +203,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def _run(args: argparse.Namespace) -> int:
-    import torch
-    from peft import get_peft_model
-
-    from hpr_peft import HPRConfig
-    from hpr_peft.fitting import fit_hpr
-    from hpr_peft.hub import save_shareable_adapter
-    from hpr_peft.runtime.bundled_models import load_causal_lm
-    from hpr_peft.runtime.model_io import ensure_distributed
-
+def _checked_pairs(args: argparse.Namespace) -> list:
+    """Check every option that needs no model, then load the pairs (fail before the slow part)."""
     if args.max_pairs is not None and args.max_pairs < 1:
         raise ValueError(f"--max-pairs must be a positive int, got {args.max_pairs}.")
     if args.top_k < 0 or (args.top_k == 0 and args.min_accuracy is None):
@@ -207,7 +218,20 @@ def _run(args: argparse.Namespace) -> int:
         pairs = pairs[: args.max_pairs]
     if not pairs:
         raise ValueError(f"--data {args.data!r} gave no pairs.")
+    return pairs
 
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+    from peft import get_peft_model
+
+    from hpr_peft import HPRConfig
+    from hpr_peft.fitting import fit_hpr
+    from hpr_peft.hub import save_shareable_adapter
+    from hpr_peft.runtime.bundled_models import load_causal_lm
+    from hpr_peft.runtime.model_io import ensure_distributed
+
+    pairs = _checked_pairs(args)
     rank, _ = ensure_distributed()
     extra = {"device_map": args.device_map} if args.device_map else {}
     model, tokenizer = load_causal_lm(
@@ -217,7 +241,12 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         **extra,
     )
-    peft_model = get_peft_model(model, HPRConfig(target_layers=args.layers))
+    config = HPRConfig(
+        target_layers=args.layers,
+        rotation_direction=args.rotation_direction,
+        exclude_massive_dims=args.exclude_massive_dims,
+    )
+    peft_model = get_peft_model(model, config)
     pairs, validation_pairs = _split_for_preference(args, pairs)
     report = fit_hpr(
         peft_model,

@@ -1,7 +1,11 @@
 """What the angle nets learn: the angle each negative activation should be turned by.
 
 A target is a strategy with one method, ``pair_targets(negatives, positives, probe)``, giving one
-angle per pair from the raw activations of one layer. Targets that need no probe (``needs_probe``
+angle per pair from the raw activations of one layer. ``probe`` is the direction the edit turns toward
+(the probe's ``w``, or the stored ``u`` of ``rotation_direction="mean_difference"``); with
+``exclude_massive_dims`` the trainer passes all three with the protected dimensions zeroed
+(:func:`hpr_peft.fitting.edit_geometry.target_inputs`), so every target measures the part of ``h``
+the edit turns. Targets that need no probe (``needs_probe``
 False) are trained jointly with the probe in one stage; the others train the probe first and then the
 angle nets on the targets of that fixed probe (:func:`hpr_peft.fitting.training.train_editors`).
 

@@ -85,7 +85,9 @@ def fit_hpr(
     weights are broadcast, so every rank ends with the same adapter. ``training_device`` is where the
     editors train (default CPU; e.g. ``"cuda"``). ``angle_target`` names a strategy of
     :mod:`hpr_peft.fitting.angle_targets` (``"paper"``, default, or ``"probe"``); it is recorded in
-    ``report.settings``.
+    ``report.settings``. The adapter config's ``rotation_direction`` / ``exclude_massive_dims`` are
+    honoured: each fitted layer also gets its mean-difference direction / massive dimensions, and the
+    angle targets are measured accordingly (:mod:`hpr_peft.fitting.edit_geometry`).
     """
     options = {name: value for name, value in locals().items() if name not in ("model", "layers")}
     angle_target_named(angle_target)
@@ -95,7 +97,13 @@ def fit_hpr(
     weights, results = _train_on_rank0(train_acts, val_acts, fit)
     hpr_layers = fit.tuner.hpr_layers(fit.adapter)
     for layer, editor in weights.items():
-        hpr_layers[layer].set_editor(fit.adapter, editor.probe_weight, editor.angle_state_dict)
+        hpr_layers[layer].set_editor(
+            fit.adapter,
+            editor.probe_weight,
+            editor.angle_state_dict,
+            direction=editor.direction,
+            protected_dims=editor.protected_dims,
+        )
     selected, description = _select(model, results, fit)
     fit.tuner.set_selected_layers(selected, fit.adapter)
     fit.timings["total"] = time.perf_counter() - started
@@ -237,10 +245,21 @@ def _train_on_rank0(
             progress=o["progress"],
             device=o["training_device"],
             angle_target=o["angle_target"],
+            **_rotation_options(fit),
         )
     weights, results = broadcast_from_rank0(trained)
     fit.timings["training"] = time.perf_counter() - started
     return weights, results
+
+
+def _rotation_options(fit: _Fit) -> dict[str, Any]:
+    """The adapter config's ``rotation_direction`` and ``exclude_massive_dims`` (the trainer measures
+    the direction and the massive dimensions they ask for)."""
+    config = fit.tuner.peft_config[fit.adapter]
+    return {
+        "rotation_direction": config.rotation_direction,
+        "exclude_massive_dims": config.exclude_massive_dims,
+    }
 
 
 def _select(model: Any, results: list[LayerFitResult], fit: _Fit) -> tuple[list[int], str]:
@@ -293,6 +312,7 @@ def _report(
             "weight_decay": o["weight_decay"],
             "seed": o["seed"],
             "angle_target": o["angle_target"],
+            **_rotation_options(fit),
             "feature_scaling": "per-feature RMS (no centring), folded into the weights",
             "validation_fraction": o["validation_fraction"] if collected else None,
         },

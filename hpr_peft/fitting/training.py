@@ -33,6 +33,12 @@ import torch.nn.functional as F
 
 from hpr_peft.fitting.activations import PairActivations
 from hpr_peft.fitting.angle_targets import AngleTarget, angle_target_named
+from hpr_peft.fitting.edit_geometry import (
+    LayerGeometry,
+    check_rotation_options,
+    layer_geometries,
+    target_inputs,
+)
 from hpr_peft.fitting.report import LayerFitResult
 from hpr_peft.runtime.progress import progress_bar
 from hpr_peft.tuner.angle_net import StackedAngleNets, angle_from_logits, default_angle_hidden_sizes
@@ -46,6 +52,8 @@ class EditorWeights:
 
     probe_weight: torch.Tensor  # (d,)
     angle_state_dict: dict[str, torch.Tensor]  # keys of build_angle_net(d, hidden_sizes)
+    direction: torch.Tensor | None = None  # (d,) unit mean difference (rotation_direction="mean_difference")
+    protected_dims: torch.Tensor | None = None  # int64 (k,) massive dimensions (exclude_massive_dims=k)
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,8 @@ def train_editors(
     layers_per_chunk: int | None = None,
     device: str | torch.device | None = None,
     angle_target: str = "paper",
+    rotation_direction: str = "probe",
+    exclude_massive_dims: int = 0,
 ) -> tuple[dict[int, EditorWeights], list[LayerFitResult]]:
     """Train one probe + angle net per layer from paired activations; returns folded weights and
     per-layer metrics at each layer's best epoch (by validation probe accuracy, ties to the lower
@@ -99,7 +109,9 @@ def train_editors(
     ``angle_target`` names a strategy of :mod:`hpr_peft.fitting.angle_targets`: ``"paper"`` (default,
     joint training on ``angle(x⁻, x⁺)``) or ``"probe"`` (the probe first, then the angle nets on the
     probe-consistent θ*; each layer keeps the angle net of its lowest validation angle MSE, reported as
-    ``angle_best_epoch``).
+    ``angle_best_epoch``). ``rotation_direction`` and ``exclude_massive_dims`` (as in ``HPRConfig``)
+    add each layer's direction / protected dimensions to its weights and make the targets consistent
+    with them (:mod:`hpr_peft.fitting.edit_geometry`).
     """
     target = angle_target_named(angle_target)
     layers = _checked_layers(train, layers)
@@ -107,6 +119,7 @@ def train_editors(
         epochs, lr, batch_size, warmup, weight_decay, seed, progress, torch.device(device or "cpu")
     )
     settings.validate()
+    check_rotation_options(rotation_direction, exclude_massive_dims, train.hidden_size)
     if validation is not None and validation.n_rows == 0:
         validation = None
     d = train.hidden_size
@@ -114,7 +127,10 @@ def train_editors(
     weights: dict[int, EditorWeights] = {}
     results: list[LayerFitResult] = []
     for chunk in iter_layer_chunks(layers, layers_per_chunk):
-        chunk_weights, chunk_results = _train_chunk(train, validation, chunk, hidden_sizes, target, settings)
+        geometries = layer_geometries(train, chunk, rotation_direction, exclude_massive_dims)
+        chunk_weights, chunk_results = _train_chunk(
+            train, validation, chunk, hidden_sizes, target, settings, geometries
+        )
         weights.update(chunk_weights)
         results.extend(chunk_results)
     results.sort(key=lambda r: r.layer)
@@ -198,17 +214,23 @@ def _scaled_stacks(
 
 
 def _pair_targets(
-    stack: _PairStack, layers: list[int], target: AngleTarget, raw_probes: torch.Tensor | None
+    stack: _PairStack,
+    layers: list[int],
+    target: AngleTarget,
+    raw_probes: torch.Tensor | None,
+    geometries: list[LayerGeometry],
 ) -> torch.Tensor:
     """Targets ``(L, N)`` from the raw activations (re-read one layer at a time, so the standardised
-    stack is never unscaled with rounding) and, for probe-based targets, the raw probes ``(L, d)``."""
+    stack is never unscaled with rounding) and, for probe-based targets, the raw probes ``(L, d)``,
+    seen through each layer's geometry (its direction, its protected dimensions zeroed)."""
     device = stack.positives.device
     out = []
     for i, layer in enumerate(layers):
         pos, neg = stack.source.pair_tensors(layer)
         pos = pos.to(device=device, dtype=torch.float32)
         neg = neg.to(device=device, dtype=torch.float32)
-        out.append(target.pair_targets(neg, pos, None if raw_probes is None else raw_probes[i]))
+        probe = None if raw_probes is None else raw_probes[i]
+        out.append(target.pair_targets(*target_inputs(neg, pos, probe, geometries[i])))
     return torch.stack(out)
 
 
@@ -246,6 +268,7 @@ def _train_chunk(
     hidden_sizes: list[int],
     target: AngleTarget,
     settings: TrainingSettings,
+    geometries: list[LayerGeometry],
 ) -> tuple[dict[int, EditorWeights], list[LayerFitResult]]:
     """Train the editors of ``layers`` with ``target``'s stages (one joint stage, or probe then angle)."""
     train_stack, val_stack, scale = _scaled_stacks(train, validation, layers, settings.device)
@@ -255,29 +278,36 @@ def _train_chunk(
     probe = torch.zeros(L, d, device=settings.device, requires_grad=True)
     nets = None
     if stages[0] is _JOINT:
-        _set_targets(train_stack, val_stack, layers, target, None)
+        _set_targets(train_stack, val_stack, layers, target, None, geometries)
         nets = _new_nets(d, hidden_sizes, layers, settings, train_stack)
         joint = loop.run(_JOINT, [probe, *nets.parameters()], probe, nets, train_stack, val_stack)
         probe_best, net_best, probe_outcome, angle_outcome = joint.best[0], joint.best[1:], joint, joint
     else:
         probe_outcome = loop.run(_PROBE, [probe], probe, None, train_stack, val_stack)
         probe_best = probe_outcome.best[0]
-        _set_targets(train_stack, val_stack, layers, target, probe_best / scale)
+        _set_targets(train_stack, val_stack, layers, target, probe_best / scale, geometries)
         nets = _new_nets(d, hidden_sizes, layers, settings, train_stack)
         angle_outcome = loop.run(_ANGLE, nets.parameters(), probe_best, nets, train_stack, val_stack)
         net_best = angle_outcome.best
     loop.close()
     weights = _folded_weights(layers, scale, probe_best, net_best, nets)
+    for layer, geometry in zip(layers, geometries, strict=True):
+        weights[layer].direction, weights[layer].protected_dims = geometry.direction, geometry.protected
     results = _layer_results(layers, loop.history, probe_outcome, angle_outcome, separate=len(stages) > 1)
     return weights, results
 
 
 def _set_targets(
-    train: _PairStack, val: _PairStack | None, layers: list[int], target: AngleTarget, raw_probes
+    train: _PairStack,
+    val: _PairStack | None,
+    layers: list[int],
+    target: AngleTarget,
+    raw_probes,
+    geometries: list[LayerGeometry],
 ) -> None:
-    train.targets = _pair_targets(train, layers, target, raw_probes)
+    train.targets = _pair_targets(train, layers, target, raw_probes, geometries)
     if val is not None:
-        val.targets = _pair_targets(val, layers, target, raw_probes)
+        val.targets = _pair_targets(val, layers, target, raw_probes, geometries)
 
 
 def _layer_seed(seed: int, layer: int) -> int:

@@ -19,8 +19,8 @@ import torch
 
 __all__ = ["check_adapter_state_dict"]
 
-_BLOCK = re.compile(r"(?:^|\.)(\d+)\.hpr_(?:probe|angle|gain)\.")
-_PARTS = ("hpr_probe", "hpr_angle", "hpr_gain")
+_BLOCK = re.compile(r"(?:^|\.)(\d+)\.hpr_(?:probe|angle|gain|direction|protected)\.")
+_PARTS = ("hpr_probe", "hpr_angle", "hpr_gain", "hpr_direction", "hpr_protected")
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -90,6 +90,12 @@ def _check_layer_sets(expected: Mapping, given: Mapping, where: str, config: Any
 
 def _check_shapes(expected: Mapping, given: Mapping, where: str, config: Any) -> None:
     for key, tensor in given.items():
+        if ".hpr_protected." in key and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"{where}: {_short(key)!r} lists {tensor.numel()} protected dimensions, but "
+                f"exclude_massive_dims={config.exclude_massive_dims} in adapter_config.json: the config and "
+                "the weights do not belong together. Re-save the adapter, or fix exclude_massive_dims."
+            )
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise ValueError(
                 f"{where}: {_short(key)!r} has shape {tuple(tensor.shape)}, but "
@@ -113,6 +119,30 @@ def _check_finite(given: Mapping, where: str) -> None:
         )
 
 
+def _check_protected_dims(expected: Mapping, given: Mapping, where: str) -> None:
+    """Protected dimensions must be distinct indices below the hidden size (a damaged file could
+    otherwise index out of range at the first forward pass)."""
+    sizes = {v.shape[-1] for k, v in expected.items() if ".hpr_probe." in k}
+    if not sizes:
+        return
+    for key, index in given.items():
+        if ".hpr_protected." not in key or index.numel() == 0 or index.device.type == "meta":
+            continue
+        d = max(sizes)
+        bad_dtype = index.is_floating_point() or index.dtype == torch.bool
+        if (
+            bad_dtype
+            or int(index.min()) < 0
+            or int(index.max()) >= d
+            or index.unique().numel() != index.numel()
+        ):
+            raise ValueError(
+                f"{where}: {_short(key)!r} must hold distinct integer dimension indices in [0, {d}), got "
+                f"{index.dtype} {index.tolist()[:16]}: the file is damaged. Re-fit the adapter or restore "
+                "the file from a good copy."
+            )
+
+
 def check_adapter_state_dict(
     model_state: Mapping[str, torch.Tensor],
     state_dict: Mapping[str, torch.Tensor],
@@ -130,3 +160,4 @@ def check_adapter_state_dict(
     _check_layer_sets(expected, given, where, config)
     _check_shapes(expected, given, where, config)
     _check_finite(given, where)
+    _check_protected_dims(expected, given, where)

@@ -21,6 +21,7 @@ from peft.utils import TaskType
 from hpr_peft.tuner.registration import PEFT_TYPE_NAME, ensure_peft_type
 
 EDIT_POSITIONS = ("all", "last")
+ROTATION_DIRECTIONS = ("probe", "mean_difference")
 # |alpha| beyond this turns tokens by hundreds of full turns (the angle is alpha * f(h), f(h) < pi):
 # no strength means that, and float32 angles lose their precision long before they overflow
 MAX_ABS_ALPHA = 1000.0
@@ -169,6 +170,16 @@ class HPRConfig(PeftConfig):
             through (docs/math.md); inference keeps the hard gate. ``fit_hpr`` installs ``g = 1``.
             False: random editors that really edit (``g = 1``, probes flagging about three quarters
             of the tokens, angles around pi/2), for tests and end-to-end training.
+        rotation_direction: the direction a flagged token is turned toward (the probe still decides
+            which tokens): ``"probe"`` (default, the paper's): the probe's ``ŵ``; ``"mean_difference"``:
+            the normalised mean difference ``u = mean(x⁺) − mean(x⁻)`` of the fitting activations (ITI's
+            mass-mean shift), stored per layer in the adapter. The rotation is the same norm-preserving
+            turn in the plane of ``h`` and ``u`` (docs/math.md).
+        exclude_massive_dims: ``k >= 0``; with ``k > 0`` the rotation leaves the ``k`` "massive"
+            dimensions (largest mean ``h_i²`` over the fitting activations, chosen by ``fit_hpr`` and
+            stored per layer) untouched and turns the rest of ``h`` within its own subspace, so ``|h|``
+            is still preserved. For models whose tokens all share a few huge coordinates (Gemma-3).
+            Must be below the hidden size. Default 0 (the paper's rotation).
         selected_layers: the subset of ``target_layers`` that edit; ``None`` means all targets.
             Unselected layers keep their weights (and can be switched on at run time).
         fit_results: JSON-able dict that travels with the adapter (per-layer metrics etc.).
@@ -195,6 +206,16 @@ class HPRConfig(PeftConfig):
     init_weights: bool = field(
         default=True,
         metadata={"help": "True: identity until fitted. False: random editors (tests/training)."},
+    )
+    rotation_direction: Literal["probe", "mean_difference"] = field(
+        default="probe",
+        metadata={
+            "help": 'Turn flagged tokens toward the "probe" direction or the "mean_difference" of the fit.'
+        },
+    )
+    exclude_massive_dims: int = field(
+        default=0,
+        metadata={"help": "Leave the k largest (massive) dimensions out of the rotation (0: none)."},
     )
     selected_layers: list[int] | None = field(
         default=None, metadata={"help": "Subset of target_layers that edit (None: all targets)."}
@@ -256,6 +277,8 @@ class HPRConfig(PeftConfig):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
 
+        self._check_rotation_options()
+
         if self.selected_layers is not None:
             self.selected_layers = _layer_list("selected_layers", self.selected_layers, allow_all=False)
             if self.target_layers != "all":
@@ -278,6 +301,29 @@ class HPRConfig(PeftConfig):
                     "fit_results must be JSON-serialisable (it is saved in adapter_config.json): convert "
                     f"tensors/arrays to lists and keys to str ({error})."
                 ) from error
+
+    def _check_rotation_options(self) -> None:
+        """``rotation_direction`` one of :data:`ROTATION_DIRECTIONS`, ``exclude_massive_dims`` an int >= 0."""
+        if self.rotation_direction not in ROTATION_DIRECTIONS:
+            raise ValueError(
+                f'rotation_direction must be one of {list(ROTATION_DIRECTIONS)} ("probe": toward the probe\'s '
+                f'direction; "mean_difference": toward mean(x+) - mean(x-) of the fit), got {self.rotation_direction!r}.'
+            )
+        k = self.exclude_massive_dims
+        if not _is_int(k) or k < 0:
+            raise ValueError(
+                f"exclude_massive_dims must be a non-negative int (the number of massive dimensions left out "
+                f"of the rotation; 0 = none), got {k!r}."
+            )
+        self.exclude_massive_dims = int(k)
+
+    def check_hidden_size(self, hidden_size: int) -> None:
+        """Refuse ``exclude_massive_dims >= hidden_size`` (no dimension would be left to rotate in)."""
+        if self.exclude_massive_dims >= hidden_size:
+            raise ValueError(
+                f"exclude_massive_dims={self.exclude_massive_dims} must be below the model's hidden size "
+                f"{hidden_size}: some dimensions must be left to rotate in (a few, e.g. 1-8, is typical)."
+            )
 
     def _take_layers_to_transform(self) -> None:
         """Move PEFT's ``layers_to_transform`` into ``target_layers`` (an int means one block)."""

@@ -7,6 +7,12 @@ Per adapter the layer owns a probe ``hpr_probe[adapter]`` (``nn.Linear(d, 1, bia
 toward the positive side of the hyperplane ``w·x = 0`` (docs/math.md), in float32, and cast back.
 Fitted editors have ``g = 1``.
 
+Two config options change the rotation, never the gate: ``rotation_direction="mean_difference"`` turns
+flagged tokens toward a stored direction ``hpr_direction[adapter]`` (:class:`RotationDirection`, the
+mean difference of the fit) instead of ``ŵ``, and ``exclude_massive_dims=k`` keeps the ``k`` stored
+dimensions ``hpr_protected[adapter]`` (:class:`ProtectedDims`) out of the rotation. Adapters that do not
+ask for them have neither entry, so their checkpoints are unchanged.
+
 Where the edit runs: transformers 5 records ``output_hidden_states`` with forward hooks on the
 decoder-block *class* (``_can_record_outputs``), i.e. on the wrapped block, not on this wrapper. An
 edit computed in ``HPRLayer.forward`` after calling the block would be invisible to that capture.
@@ -36,7 +42,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from hpr_peft.rotation import apply_hpr, mask_from_logits, probe_logits, pseudo_rotate
+from hpr_peft.rotation import apply_hpr, mask_from_logits, massive_dimensions, probe_logits, pseudo_rotate
 from hpr_peft.runtime.hooks import HookSet
 from hpr_peft.runtime.positions import PositionContext, PositionTracker, context_from_inputs
 from hpr_peft.tuner.angle_net import build_angle_net, predict_angle
@@ -59,10 +65,28 @@ class AngleGain(nn.Module):
         self.weight = nn.Parameter(torch.tensor(float(value)))
 
 
+class RotationDirection(nn.Module):
+    """The direction ``u`` (``weight``, ``(d,)``) an editor turns flagged tokens toward instead of the
+    probe's ``ŵ`` (``rotation_direction="mean_difference"``); only its direction matters."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden_size))
+
+
+class ProtectedDims(nn.Module):
+    """The dimensions (``index``, int64 ``(k,)``) left out of an editor's rotation
+    (``exclude_massive_dims=k``); a buffer, saved with the adapter."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.register_buffer("index", torch.arange(count, dtype=torch.long))
+
+
 class HPRLayer(nn.Module, BaseTunerLayer):
     """Wraps one decoder block; edits its output hidden states with the active adapters' editors."""
 
-    adapter_layer_names = ("hpr_probe", "hpr_angle", "hpr_gain")
+    adapter_layer_names = ("hpr_probe", "hpr_angle", "hpr_gain", "hpr_direction", "hpr_protected")
     other_param_names = (
         "hpr_alpha",
         "hpr_threshold",
@@ -88,6 +112,8 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         self.hpr_probe = nn.ModuleDict({})
         self.hpr_angle = nn.ModuleDict({})
         self.hpr_gain = nn.ModuleDict({})
+        self.hpr_direction = nn.ModuleDict({})
+        self.hpr_protected = nn.ModuleDict({})
         self.hpr_alpha: dict[str, float] = {}
         self.hpr_threshold: dict[str, float] = {}
         self.hpr_edit_positions: dict[str, str] = {}
@@ -123,6 +149,7 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         self.hpr_probe[adapter_name] = probe
         self.hpr_angle[adapter_name] = net
         self.hpr_gain[adapter_name] = gain
+        self._add_rotation_options(adapter_name, config, probe.weight[0])
         self.hpr_alpha[adapter_name] = float(config.alpha)
         self.hpr_threshold[adapter_name] = float(config.threshold)
         self.hpr_edit_positions[adapter_name] = str(config.edit_positions)
@@ -130,6 +157,44 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         self.hpr_selected[adapter_name] = bool(selected)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    def _add_rotation_options(self, adapter_name: str, config: Any, probe_weight: torch.Tensor) -> None:
+        """The direction and protected dimensions of ``adapter_name``, where its config asks for them.
+
+        Before a fit the direction is the probe's own (so the edit starts as the probe-direction edit) and
+        the protected dimensions are the first ``k`` (the tuner and ``fit_hpr`` choose them)."""
+        for container in (self.hpr_direction, self.hpr_protected):
+            if adapter_name in container:
+                del container[adapter_name]
+        if config.rotation_direction == "mean_difference":
+            direction = RotationDirection(self.hidden_size)
+            with torch.no_grad():
+                direction.weight.copy_(probe_weight)
+            self.hpr_direction[adapter_name] = direction
+        if config.exclude_massive_dims > 0:
+            self.hpr_protected[adapter_name] = ProtectedDims(config.exclude_massive_dims)
+
+    @torch.no_grad()
+    def start_rotation_options(self, adapter_name: str, states: torch.Tensor) -> None:
+        """Starting values from sample hidden states ``(n, d)`` of this block, before any fit: the
+        direction is the (calibrated) probe's, the protected dimensions the sample's massive ones."""
+        if adapter_name in self.hpr_direction:
+            self.hpr_direction[adapter_name].weight.copy_(self.hpr_probe[adapter_name].weight[0])
+        if adapter_name in self.hpr_protected:
+            index = self.hpr_protected[adapter_name].index
+            index.copy_(massive_dimensions(states.float(), len(index)).to(index.device))
+
+    def rotation_direction(self, adapter_name: str) -> torch.Tensor:
+        """The direction flagged tokens turn toward, ``(d,)``: the stored ``u`` or the probe's weight."""
+        if adapter_name in self.hpr_direction:
+            return self.hpr_direction[adapter_name].weight
+        return self.hpr_probe[adapter_name].weight[0]
+
+    def protected_dims(self, adapter_name: str) -> torch.Tensor | None:
+        """The dimensions left out of the rotation (int64 ``(k,)``), or None for none."""
+        if adapter_name in self.hpr_protected:
+            return self.hpr_protected[adapter_name].index
+        return None
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[Any, Any]:
         """A decoder block has no ``.weight``: use its first floating, non-meta parameter."""
@@ -146,9 +211,13 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         probe_weight: torch.Tensor,
         angle_state_dict: dict[str, torch.Tensor],
         gain: float = 1.0,
+        direction: torch.Tensor | None = None,
+        protected_dims: torch.Tensor | None = None,
     ) -> None:
         """Install fitted weights: probe weight ``w`` (shape ``(d,)``), the angle net's state dict and the
-        gain ``g`` (default 1: the angle is the net's own, as fitted).
+        gain ``g`` (default 1: the angle is the net's own, as fitted); ``direction`` ``(d,)`` and
+        ``protected_dims`` (int ``(k,)``) exactly when the adapter's config asks for them
+        (``rotation_direction="mean_difference"``, ``exclude_massive_dims=k``).
 
         Weights are copied into the existing parameters (their device and dtype are kept).
         """
@@ -170,8 +239,8 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         probe = self.hpr_probe[adapter_name]
         net = self.hpr_angle[adapter_name]
         device, _ = self._get_base_layer_device_and_dtype(self.get_base_layer())
-        for module in (probe, net, self.hpr_gain[adapter_name]):
-            if any(p.device.type == "meta" for p in module.parameters()):
+        for module in (probe, net, self.hpr_gain[adapter_name], *self._rotation_modules(adapter_name)):
+            if any(t.device.type == "meta" for t in [*module.parameters(), *module.buffers()]):
                 module.to_empty(device=device or torch.device("cpu"))
         expected = set(net.state_dict().keys())
         given = set(angle_state_dict.keys())
@@ -180,6 +249,7 @@ class HPRLayer(nn.Module, BaseTunerLayer):
                 f"angle_state_dict keys {sorted(given)} do not match the angle net of layer {self.layer_index} "
                 f"({sorted(expected)}); build it with build_angle_net(d, config.angle_hidden_sizes)."
             )
+        self._install_rotation_options(adapter_name, direction, protected_dims)
         with torch.no_grad():
             self.hpr_gain[adapter_name].weight.fill_(float(gain))
             probe.weight[0].copy_(probe_weight.to(probe.weight.device, probe.weight.dtype))
@@ -191,6 +261,35 @@ class HPRLayer(nn.Module, BaseTunerLayer):
                         f"{tuple(tensor.shape)}."
                     )
                 tensor.copy_(source.to(tensor.device, tensor.dtype))
+
+    def _rotation_modules(self, adapter_name: str) -> list[nn.Module]:
+        containers = (self.hpr_direction, self.hpr_protected)
+        return [container[adapter_name] for container in containers if adapter_name in container]
+
+    def _install_rotation_options(
+        self, adapter_name: str, direction: torch.Tensor | None, protected_dims: torch.Tensor | None
+    ) -> None:
+        """Copy ``direction`` / ``protected_dims`` into the adapter, each checked against its config."""
+        if (direction is None) != (adapter_name not in self.hpr_direction):
+            asked = adapter_name in self.hpr_direction
+            raise ValueError(
+                f"adapter {adapter_name!r} has rotation_direction={'mean_difference' if asked else 'probe'!r}: "
+                + ("pass direction=u (shape (d,))." if asked else "direction must be None (the probe's own).")
+            )
+        if (protected_dims is None) != (adapter_name not in self.hpr_protected):
+            k = len(self.hpr_protected[adapter_name].index) if adapter_name in self.hpr_protected else 0
+            raise ValueError(
+                f"adapter {adapter_name!r} has exclude_massive_dims={k}: "
+                + ("pass protected_dims (int64, shape (k,))." if k else "protected_dims must be None.")
+            )
+        if direction is not None:
+            weight = self.hpr_direction[adapter_name].weight
+            direction = check_direction(direction, self.hidden_size)
+            with torch.no_grad():
+                weight.copy_(direction.to(weight.device, weight.dtype))
+        if protected_dims is not None:
+            index = self.hpr_protected[adapter_name].index
+            index.copy_(check_protected_dims(protected_dims, len(index), self.hidden_size).to(index.device))
 
     def is_identity(self, adapter_name: str) -> bool:
         """True if the adapter cannot edit: its gain is zero (``init_weights=True``, untrained) or its
@@ -212,7 +311,12 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         """Whether autograd is recording this adapter's weights (training, or any backward pass)."""
         if not torch.is_grad_enabled():
             return False
-        modules = (self.hpr_gain[adapter_name], self.hpr_probe[adapter_name], self.hpr_angle[adapter_name])
+        modules = (
+            self.hpr_gain[adapter_name],
+            self.hpr_probe[adapter_name],
+            self.hpr_angle[adapter_name],
+            *self._rotation_modules(adapter_name),
+        )
         return any(p.requires_grad for module in modules for p in module.parameters())
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -295,6 +399,9 @@ class HPRLayer(nn.Module, BaseTunerLayer):
         if (monitoring or not dense) and self.is_identity(adapter_name):
             return hidden
         probe_weight = probe_weight.to(hidden.device)
+        direction = self.rotation_direction(adapter_name).to(hidden.device)
+        protected = self.protected_dims(adapter_name)
+        protected = None if protected is None else protected.to(hidden.device)
         eligible = self.eligible_positions(adapter_name, context)
         scores = probe_logits(hidden, probe_weight)
         threshold = self.hpr_threshold[adapter_name]
@@ -309,17 +416,52 @@ class HPRLayer(nn.Module, BaseTunerLayer):
             theta = alpha * self.learned_angle(adapter_name, hidden)
             if training:
                 probability = flag_probability(scores, threshold)
-                return straight_through_edit(hidden, probe_weight, theta, flagged, eligible, probability)
-            return apply_hpr(hidden, probe_weight, theta, flagged & (theta != 0))
+                return straight_through_edit(
+                    hidden, direction, theta, flagged, eligible, probability, protected
+                )
+            return apply_hpr(hidden, direction, theta, flagged & (theta != 0), protected)
         index = flagged.nonzero(as_tuple=True)
         if index[0].numel() == 0:
             return hidden
         chosen = hidden[index]  # (n, d)
-        rotated = pseudo_rotate(chosen, probe_weight, alpha * self.learned_angle(adapter_name, chosen))
+        theta = alpha * self.learned_angle(adapter_name, chosen)
+        rotated = pseudo_rotate(chosen, direction, theta, protected)
         return hidden.index_put(index, rotated)
 
     def __repr__(self) -> str:
         return f"hpr.{super().__repr__()}"
+
+
+def check_direction(direction: Any, hidden_size: int) -> torch.Tensor:
+    """``direction`` as a tensor, checked to be finite with shape ``(hidden_size,)``."""
+    direction = torch.as_tensor(direction)
+    if direction.shape != (hidden_size,) or not direction.is_floating_point():
+        raise ValueError(
+            f"direction must be a float tensor of shape ({hidden_size},) (the hidden size), got "
+            f"{direction.dtype} {tuple(direction.shape)}."
+        )
+    if not torch.isfinite(direction).all():
+        raise ValueError(
+            "direction contains NaN or inf; refit it (hpr_peft.rotation.mean_difference_direction)."
+        )
+    return direction
+
+
+def check_protected_dims(index: Any, count: int, hidden_size: int) -> torch.Tensor:
+    """``index`` as int64, checked to be ``count`` distinct dimension indices in ``[0, hidden_size)``."""
+    index = torch.as_tensor(index)
+    if index.shape != (count,) or index.is_floating_point() or index.dtype == torch.bool:
+        raise ValueError(
+            f"protected_dims must be an integer tensor of shape ({count},) (exclude_massive_dims), got "
+            f"{index.dtype} {tuple(index.shape)}."
+        )
+    index = index.long()
+    if count and (int(index.min()) < 0 or int(index.max()) >= hidden_size or index.unique().numel() != count):
+        raise ValueError(
+            f"protected_dims must be {count} distinct dimension indices in [0, {hidden_size}), got "
+            f"{index.tolist()[:16]}."
+        )
+    return index
 
 
 def _full_gain_for_checkpoints_without_one(

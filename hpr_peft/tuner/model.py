@@ -78,6 +78,7 @@ class HPRModel(BaseTuner):
             raise TypeError(f"HPRModel needs an HPRConfig, got {type(config).__name__}.")
         stack = find_decoder_stack(model)
         config.resolved_selected_layers(len(stack))  # validates target/selected ranges early
+        config.check_hidden_size(hidden_size_of(model))
         self._hpr_stack = stack  # reused while matching modules (the ModuleList object stays the same)
         samples = self._calibration_sample(model, stack, config, kwargs.get("low_cpu_mem_usage", False))
         super().inject_adapter(model, adapter_name, *args, **kwargs)
@@ -87,6 +88,7 @@ class HPRModel(BaseTuner):
             if index in samples and weight.device.type != "meta":
                 with torch.no_grad():
                     weight[0].copy_(balanced_probe(weight[0], samples[index], share))
+                layer.start_rotation_options(adapter_name, samples[index])
 
     def _calibration_sample(
         self, model: nn.Module, stack: DecoderStack, config: HPRConfig, low_cpu_mem_usage: bool

@@ -34,33 +34,41 @@ def flag_probability(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.sigmoid(math.log(threshold / (1.0 - threshold)) - scores.float())
 
 
-def rotate_exactly(hidden: torch.Tensor, probe_weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """``pseudo_rotate(hidden, w, θ)`` whose value is ``hidden`` bit for bit where ``θ = 0``.
+def rotate_exactly(
+    hidden: torch.Tensor,
+    direction: torch.Tensor,
+    theta: torch.Tensor,
+    protected: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``pseudo_rotate(hidden, direction, θ, protected)`` whose value is ``hidden`` bit for bit where ``θ = 0``.
 
     Where ``θ = 0`` the value ``hidden + (r − r)`` is ``hidden`` exactly and the gradient is the
     rotation's own (``∂r/∂θ`` at 0), so a zero-initialised gain still learns.
     """
-    rotated = pseudo_rotate(hidden, probe_weight, theta)
+    rotated = pseudo_rotate(hidden, direction, theta, protected)
     at_zero = hidden + (rotated - rotated.detach())
     return torch.where((theta == 0).unsqueeze(-1), at_zero, rotated)
 
 
 def straight_through_edit(
     hidden: torch.Tensor,
-    probe_weight: torch.Tensor,
+    direction: torch.Tensor,
     theta: torch.Tensor,
     flagged: torch.Tensor,
     eligible: torch.Tensor,
     probability: torch.Tensor,
+    protected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The edited hidden states ``(batch, seq, d)`` with straight-through gradients through the gate.
 
     Value: ``rotate_exactly(h)`` where ``flagged``, ``h`` elsewhere (exactly the inference edit).
     Gradient: as if the gate of each ``eligible`` token were ``probability`` (the term added has value
     zero). Tokens that are not eligible (padding, sequence starts) pass through with no gradient to
-    the editor.
+    the editor. ``direction`` is what flagged tokens turn toward (the probe's weight or the adapter's
+    stored direction), ``protected`` the dimensions left out of the rotation (None: none), as in
+    :func:`hpr_peft.rotation.pseudo_rotate`.
     """
-    rotated = rotate_exactly(hidden, probe_weight, theta)
+    rotated = rotate_exactly(hidden, direction, theta, protected)
     edited = torch.where(flagged.unsqueeze(-1), rotated, hidden)
     surrogate = (probability - probability.detach()) * eligible
     correction = surrogate.unsqueeze(-1) * (rotated - hidden).detach().float()

@@ -201,3 +201,25 @@ def test_fit_cli_max_kl_saves_the_calibrated_alpha(tiny_dir, tmp_path, capsys):
     assert 0.0009 <= calibration["kl"] <= 0.001 and calibration["target_kl"] == 0.001
     assert config["fit_results"]["settings"]["kl_calibration"] == calibration
     assert f"alpha {calibration['alpha']:.4g}: KL {calibration['kl']:.4g}" in printed
+
+
+def test_fit_cli_rotation_options_are_saved_with_the_adapter(tiny_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    argv = ["--model", str(tiny_dir), "--data", str(data), "--layers", "1,2", "--top-k", "1"]
+    argv += ["--epochs", "1", "--max-pairs", "16", "--no-progress"]
+    out = tmp_path / "out"
+    options = ["--rotation-direction", "mean_difference", "--exclude-massive-dims", "2"]
+    assert run_fit([*argv, *options, "--output", str(out)]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["rotation_direction"] == "mean_difference" and config["exclude_massive_dims"] == 2
+    assert config["fit_results"]["settings"]["rotation_direction"] == "mean_difference"
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert sum("hpr_direction" in k for k in tensors) == 2
+    assert [tuple(v.shape) for k, v in tensors.items() if "hpr_protected" in k] == [(2,), (2,)]
+    for bad in ("32", "-1"):
+        rc = run_fit([*argv, "--exclude-massive-dims", bad, "--output", str(tmp_path / "bad")])
+        assert rc == 2 and "exclude_massive_dims" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_fit([*argv, "--rotation-direction", "pca", "--output", str(tmp_path / "bad")])

@@ -689,3 +689,132 @@ def test_probe_consistent_angle_examples_and_degenerate_inputs() -> None:
         probe_consistent_angle(x_neg, torch.zeros(4), w)
     with pytest.raises(ValueError, match="hidden size"):
         probe_consistent_angle(x_neg, x_pos, torch.zeros(4))
+
+
+# ----------------------------------------------------------------------------------------------------
+# other directions and protected (massive) dimensions
+# ----------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def protected_cases(draw, dtypes=tuple(ALL_DTYPES)):
+    """A :func:`cases` batch and 0..d-1 distinct protected dimensions."""
+    case = draw(cases(dtypes=dtypes, min_d=3))
+    d = case.h.shape[-1]
+    k = draw(st.integers(0, d - 1))
+    seed = draw(st.integers(0, 2**31 - 1))
+    protected = torch.randperm(d, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+    return case, protected
+
+
+@SETTINGS
+@given(pc=protected_cases())
+def test_protected_dims_keep_their_values_and_the_norm_is_preserved(pc) -> None:
+    case, protected = pc
+    out = pseudo_rotate(case.h, case.w, case.theta, protected)
+    assert out.dtype == case.h.dtype and out.shape == case.h.shape
+    assert torch.equal(_bits(out[..., protected]), _bits(case.h[..., protected]))
+    assert _rel_norm_err(case.h, out).max() <= NORM_TOL[case.dtype]
+    rest = rotation.zero_dims(case.h, protected)  # the rest turns as a rotation of its own
+    expected = pseudo_rotate(rest, rotation.zero_dims(case.w, protected), case.theta)
+    mask = torch.ones(case.h.shape[-1], dtype=torch.bool)
+    mask[protected] = False
+    assert torch.equal(_bits(out[..., mask]), _bits(expected[..., mask]))
+
+
+@pytest.mark.parametrize("index_path", [True, False], ids=["index", "where"])
+@SETTINGS
+@given(pc=protected_cases(dtypes=(torch.float32, torch.float64)), mask_seed=st.integers(0, 2**31 - 1))
+def test_a_zero_angle_or_an_unflagged_token_is_identity_with_protected_dims(
+    pc, mask_seed: int, index_path: bool
+) -> None:
+    case, protected = pc
+    still = pseudo_rotate(case.h, case.w, 0.0, protected)
+    tol = 1e-5 if case.dtype == torch.float32 else 1e-12
+    scale = case.h.double().abs().amax(-1, keepdim=True)
+    assert ((still.double() - case.h.double()).abs() <= tol * scale).all()
+    g = torch.Generator().manual_seed(mask_seed)
+    mask = torch.rand(case.h.shape[:-1], generator=g) < 0.5
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rotation, "_index_path", lambda device: index_path)  # False: the accelerator path
+        out = apply_hpr(case.h, case.w, case.theta, mask, protected)
+        nothing = apply_hpr(case.h, case.w, case.theta, torch.zeros_like(mask), protected)
+    assert torch.equal(_bits(out[~mask]), _bits(case.h[~mask]))
+    assert torch.equal(_bits(nothing), _bits(case.h))
+    rotated = pseudo_rotate(case.h[mask], case.w, case.theta[mask], protected)
+    assert ((out[mask].double() - rotated.double()).abs() <= 1e-4 * scale[mask]).all()
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), d=st.integers(3, 40), k=st.integers(0, 2), theta=st.floats(1e-3, 0.05))
+def test_rotation_moves_h_toward_the_direction(seed: int, d: int, k: int, theta: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    h, u = (
+        torch.randn(4, d, generator=g, dtype=torch.float64),
+        torch.randn(d, generator=g, dtype=torch.float64),
+    )
+    protected = torch.randperm(d, generator=g)[:k]
+    rest_h, rest_u = rotation.zero_dims(h, protected), rotation.zero_dims(u, protected)
+    before = angle_between(rest_h, rest_u.expand_as(rest_h))
+    out = pseudo_rotate(h, u, theta, protected)
+    after = angle_between(rotation.zero_dims(out, protected), rest_u.expand_as(rest_h))
+    turned = (before > 2 * theta) & (before < math.pi - 1e-6)  # a plane (h, u) is defined
+    assert torch.allclose(after[turned], before[turned] - theta, atol=1e-9)
+    cos = torch.nn.functional.cosine_similarity
+    assert (
+        cos(out[turned], u.expand_as(h)[turned], dim=-1) > cos(h[turned], u.expand_as(h)[turned], dim=-1)
+    ).all()
+
+
+def test_a_direction_equal_to_the_probe_gives_the_probe_rotation() -> None:
+    g = torch.Generator().manual_seed(4)
+    h, w = torch.randn(6, 24, generator=g), torch.randn(24, generator=g)
+    theta = torch.rand(6, generator=g)
+    u_hat = rotation.unit_direction(w)[0]
+    assert torch.allclose(pseudo_rotate(h, u_hat, theta), pseudo_rotate(h, w, theta), atol=1e-6)
+    empty = torch.zeros(0, dtype=torch.long)
+    assert torch.equal(pseudo_rotate(h, w, theta, empty), pseudo_rotate(h, w, theta))
+
+
+def test_a_direction_inside_the_protected_dims_leaves_tokens_unchanged() -> None:
+    h = torch.randn(5, 8)
+    u = torch.zeros(8)
+    u[2] = 1.0  # all of u is protected: no direction is left to turn toward
+    out = pseudo_rotate(h, u, 0.7, torch.tensor([2, 5]))
+    assert torch.equal(out, h)
+
+
+def test_no_d_by_d_matrix_with_protected_dims() -> None:
+    d = 300_000  # a d x d matrix would need 360 GB
+    g = torch.Generator().manual_seed(5)
+    h, u = torch.randn(3, d, generator=g), torch.randn(d, generator=g)
+    protected = torch.tensor([7, 1000, 299_999])
+    out = pseudo_rotate(h, u, torch.tensor([0.1, 0.5, 2.0]), protected)
+    assert _rel_norm_err(h, out).max() < 1e-5 and torch.equal(out[:, protected], h[:, protected])
+
+
+def test_massive_dimensions_and_mean_difference_direction() -> None:
+    g = torch.Generator().manual_seed(6)
+    states = torch.randn(50, 16, generator=g)
+    states[:, 3] += 1e4
+    states[:, 11] -= 300.0
+    assert rotation.massive_dimensions(states, 2).tolist() == [3, 11]
+    assert rotation.massive_dimensions(states * 1e30, 1).tolist() == [3]  # any finite scale
+    assert rotation.massive_dimensions(states, 0).numel() == 0
+    positives, negatives = torch.randn(30, 16, generator=g) + 2.0, torch.randn(20, 16, generator=g)
+    u = rotation.mean_difference_direction(positives, negatives)
+    expected = positives.double().mean(0) - negatives.double().mean(0)
+    assert torch.allclose(u.double(), expected / expected.norm(), atol=1e-6) and u.dtype == torch.float32
+    assert torch.equal(rotation.mean_difference_direction(negatives, negatives), torch.zeros(16))
+
+
+def test_bad_protected_dims_and_massive_counts_raise_clear_errors() -> None:
+    h, w = torch.randn(2, 8), torch.randn(8)
+    with pytest.raises(TypeError, match="int64"):
+        pseudo_rotate(h, w, 0.3, torch.tensor([1.0]))
+    with pytest.raises(TypeError, match="1-D"):
+        pseudo_rotate(h, w, 0.3, torch.tensor([[1]]))
+    with pytest.raises(ValueError, match=r"\[0, 8\)"):
+        rotation.massive_dimensions(h, 8)
+    with pytest.raises(ValueError, match="same d"):
+        rotation.mean_difference_direction(h, torch.randn(2, 7))

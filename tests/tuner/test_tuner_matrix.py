@@ -39,6 +39,12 @@ CONFIGS = {
         "alpha": 0.5,
     },
     "random-last-position": {"target_layers": [1, 3], "init_weights": False, "edit_positions": "last"},
+    "random-rotation-options": {
+        "target_layers": [1, 2],
+        "init_weights": False,
+        "rotation_direction": "mean_difference",
+        "exclude_massive_dims": 2,
+    },
 }
 TEST_CASES = [(f"{arch}-{name}", arch, config) for arch in TINY_ARCHS for name, config in CONFIGS.items()]
 
@@ -225,9 +231,8 @@ class TestHPRTuner:
             expected = model(ids).logits
         model.save_pretrained(tmp_path)
         tensors = load_file(tmp_path / "adapter_model.safetensors")
-        assert tensors and all(
-            ".hpr_probe." in key or ".hpr_angle." in key or ".hpr_gain." in key for key in tensors
-        )
+        parts = ("probe", "angle", "gain", "direction", "protected")
+        assert tensors and all(any(f".hpr_{part}." in key for part in parts) for key in tensors)
         assert {int(key.split(".hpr_")[0].rsplit(".", 1)[1]) for key in tensors} == set(_targets(config))
         loaded = PeftModel.from_pretrained(make_tiny_causal_lm(arch), tmp_path).eval()
         with torch.no_grad():
