@@ -29,6 +29,7 @@ _LAZY_EXPORTS: dict[str, str] = {
     "PairActivations": "hpr_peft.fitting",
     "fit_hpr": "hpr_peft.fitting",
     "fit_preference": "hpr_peft.fitting",
+    "fit_preference_vectors": "hpr_peft.fitting",
     "PreferenceSettings": "hpr_peft.fitting",
     "PreferenceReport": "hpr_peft.fitting",
     "train_editors": "hpr_peft.fitting",

@@ -4,8 +4,10 @@ Per layer ``v = mean(positive activations) − mean(negative activations)`` from
 activations HPR trains on (:class:`hpr_peft.fitting.activations.PairActivations`), and the edit adds ``α·v`` to
 the output of the same decoder blocks. With ``normalize=True`` the vector is ``v̂ · std(x·v̂)`` (unit
 direction scaled by the standard deviation of all fitting activations projected on it, as ITI does), so
-one ``α`` means a comparable push on every layer. Like HPR, padding and the first real token of each
-sequence (the attention sink) are never edited.
+one ``α`` means a comparable push on every layer. The hooks (:func:`additive_steering`, defined in
+:mod:`hpr_peft.runtime.steering` and re-exported here) leave padding and the first real token of each
+sequence (the attention sink) unedited, like HPR. :func:`hpr_peft.fitting.fit_preference_vectors`
+trains such vectors on the preference objective, the same training HPR's editors can get.
 
 >>> vectors = mean_difference_vectors(acts, layers=[10, 14, 18])
 >>> with additive_steering(model, vectors, alpha=4.0):
@@ -14,16 +16,12 @@ sequence (the attention sink) are never edited.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
-from hpr_peft.runtime.blocks import find_decoder_stack
-from hpr_peft.runtime.hooks import HookSet
-from hpr_peft.runtime.positions import PositionTracker
+from hpr_peft.runtime.steering import additive_steering
 
 __all__ = ["additive_steering", "mean_difference_vectors"]
 
@@ -73,61 +71,3 @@ def mean_difference_vectors(
             v = unit * projections.std()
         out[layer] = v
     return out
-
-
-@contextlib.contextmanager
-def additive_steering(
-    model: nn.Module,
-    vectors: dict[int, torch.Tensor],
-    alpha: float = 1.0,
-    skip_sequence_start: bool = True,
-) -> Iterator[None]:
-    """Add ``alpha * vectors[layer]`` to the output of decoder block ``layer`` while inside.
-
-    ``model`` is the module that will be called (a causal LM, or a PEFT model around one): a position
-    tracker on it tells the hooks which positions are padding and which is the first real token of each
-    sequence (both left unedited when ``skip_sequence_start``; padding always). Cached and uncached
-    forwards agree, as for HPR.
-    """
-    if not isinstance(vectors, dict) or not vectors:
-        raise ValueError(
-            "vectors must be a non-empty dict {layer index: (d,) tensor}: see mean_difference_vectors."
-        )
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise TypeError(f"alpha must be a number, got {type(alpha).__name__}.")
-    stack = find_decoder_stack(model)
-    for layer, v in vectors.items():
-        if not isinstance(layer, int) or not 0 <= layer < len(stack):
-            raise ValueError(f"vectors has layer {layer!r}: decoder blocks are 0..{len(stack) - 1}.")
-        if not torch.is_tensor(v) or v.dim() != 1:
-            raise ValueError(
-                f"vectors[{layer}] must be a 1-D tensor (d,), got {getattr(v, 'shape', type(v))}."
-            )
-    tracker = PositionTracker()
-    with HookSet() as hooks:
-        tracker.attach(model)
-        try:
-            for layer, v in vectors.items():
-                hooks.on_block_output(
-                    stack.layers[layer],
-                    _adder(tracker, v.detach().float(), float(alpha), skip_sequence_start),
-                )
-            yield
-        finally:
-            tracker.detach()
-
-
-def _adder(tracker: PositionTracker, vector: torch.Tensor, alpha: float, skip_sequence_start: bool):
-    """The block-output hook adding ``alpha * vector`` at the editable positions of the call."""
-
-    def add(hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.shape[-1] != vector.shape[0]:
-            raise ValueError(
-                f"steering vector has width {vector.shape[0]} but the block outputs {hidden.shape[-1]}."
-            )
-        ctx = tracker.context_for(hidden)
-        mask = ctx.valid & ~ctx.sequence_start if skip_sequence_start else ctx.valid
-        delta = (alpha * vector).to(device=hidden.device, dtype=hidden.dtype)
-        return hidden + mask.unsqueeze(-1).to(hidden.dtype) * delta
-
-    return add

@@ -8,7 +8,8 @@
 - :mod:`~hpr_peft.fitting.selection`: :func:`select_layers`.
 - :mod:`~hpr_peft.fitting.fit`: :func:`fit_hpr`, all of the above in one call.
 - :mod:`~hpr_peft.fitting.preference`: :func:`fit_preference`, the editors fine-tuned end to end on
-  answer likelihood (DPO-style margin + KL to the unedited model).
+  answer likelihood (DPO-style margin + KL to the unedited model); :func:`fit_preference_vectors`, the
+  same training for the additive baseline's steering vectors.
 - :mod:`~hpr_peft.fitting.report`: :class:`FitReport`.
 """
 
@@ -22,6 +23,7 @@ from hpr_peft.fitting.preference import (
     PreferenceReport,
     PreferenceSettings,
     fit_preference,
+    fit_preference_vectors,
     preference_margins,
 )
 from hpr_peft.fitting.report import FitReport, LayerFitResult
@@ -42,6 +44,7 @@ __all__ = [
     "collect_activations",
     "fit_hpr",
     "fit_preference",
+    "fit_preference_vectors",
     "preference_margins",
     "select_layers",
     "train_editors",

@@ -18,12 +18,17 @@ Tokens are cut as the TruthfulQA scorer cuts them (:func:`hpr_peft.data.encoding
 prefix shared by every prompt (TruthfulQA's 6-shot primer) is run once per step without gradients,
 with the current editors, and its KV cache read by every row: the values are exactly those of full
 forwards; gradients do not flow through the prefix's own edits (``share_prefix=False`` turns it off).
+
+:func:`fit_preference_vectors` gives the additive baseline the same training (BiPO-style): the same
+loop trains steering vectors added by :func:`hpr_peft.runtime.steering.additive_steering` instead of
+the editors. Which parameters learn and how the edited pass is entered is a :class:`_Trainee`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -43,9 +48,11 @@ from hpr_peft.runtime.model_io import (
     input_device,
     output_cache,
     pad_token_id,
+    stack_contexts,
     unedited_context,
 )
 from hpr_peft.runtime.progress import progress_bar
+from hpr_peft.runtime.steering import additive_steering, check_steering_vectors
 from hpr_peft.tuner.model import hpr_tuner
 
 __all__ = [
@@ -54,6 +61,7 @@ __all__ = [
     "PreferenceReport",
     "PreferenceSettings",
     "fit_preference",
+    "fit_preference_vectors",
     "preference_margins",
 ]
 
@@ -261,13 +269,21 @@ def _text_rows(token_lists: Sequence[list[int]], pad_id: int, device) -> _Rows:
 
 
 class _Runner:
-    """Runs the model on rows after the shared prefix, the LM head only where logits are needed."""
+    """Runs the model on rows after the shared prefix, the LM head only where logits are needed;
+    ``edited`` / ``unedited`` enter the model's edited and unedited states (default: as it stands /
+    adapter off)."""
 
     def __init__(
-        self, model: nn.Module, prefix_ids: list[int], hooks: HookSet, unedited: ContextFactory | None = None
+        self,
+        model: nn.Module,
+        prefix_ids: list[int],
+        hooks: HookSet,
+        unedited: ContextFactory | None = None,
+        edited: ContextFactory = contextlib.nullcontext,
     ) -> None:
         self.model = model
         self.unedited = unedited or unedited_context(model)
+        self.edited = edited
         self.device = input_device(model)
         self.head = HeadGather()
         self.gathered = self.head.attach(model, hooks)
@@ -280,12 +296,13 @@ class _Runner:
         if not self.prefix_ids:
             return None
         ids = torch.tensor([self.prefix_ids], device=self.device)
-        with contextlib.nullcontext() if edited else self.unedited():
+        with self.edited() if edited else self.unedited():
             out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
         return output_cache(out)
 
-    def logits(self, rows: _Rows, select: torch.Tensor, cache: Any) -> torch.Tensor:
-        """Float32 logits ``(N, vocab)`` at the ``select`` positions of ``rows``, row-major."""
+    def logits(self, rows: _Rows, select: torch.Tensor, cache: Any, edited: bool = True) -> torch.Tensor:
+        """Float32 logits ``(N, vocab)`` at the ``select`` positions of ``rows``, row-major, from the
+        edited (or unedited) model."""
         mask = rows.attention_mask
         extra: dict[str, Any] = {"use_cache": False}
         if cache is not None:
@@ -297,7 +314,8 @@ class _Runner:
             extra = cache_inputs(self.model, cache)
         self.head.select = select
         try:
-            out = self.model(input_ids=rows.input_ids, attention_mask=mask, **extra)
+            with self.edited() if edited else self.unedited():
+                out = self.model(input_ids=rows.input_ids, attention_mask=mask, **extra)
         finally:
             self.head.select = None
         logits = out.logits[0] if self.gathered else out.logits[select]
@@ -324,8 +342,19 @@ def _kl(edited_logits: torch.Tensor, reference_log_probs: torch.Tensor) -> torch
 
 
 @dataclass
+class _Trainee:
+    """What a preference fit trains and how its edited pass is entered: ``steering`` None means HPR
+    editors (the edited model is the model as it stands); otherwise it applies trained steering vectors,
+    and the edited model is the model with its adapter off plus these hooks."""
+
+    layers: list[int]
+    parameters: list[nn.Parameter]
+    steering: ContextFactory | None = None
+
+
+@dataclass
 class _Run:
-    """Everything one :func:`fit_preference` call works on, checked."""
+    """Everything one preference fit works on, checked."""
 
     model: nn.Module
     layers: list[int]
@@ -363,12 +392,62 @@ def fit_preference(
     """
     settings = PreferenceSettings() if settings is None else settings
     settings.validate()
+    trainee = _editor_trainee(model, layers, adapter_name)
+    return _fit(model, tokenizer, pairs, trainee, settings, neutral_paragraphs, validation_pairs, progress)
+
+
+def fit_preference_vectors(
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[Any],
+    vectors: dict[int, torch.Tensor],
+    *,
+    alpha: float = 1.0,
+    settings: PreferenceSettings | None = None,
+    neutral_paragraphs: Sequence[str] | None = None,
+    validation_pairs: Sequence[Any] | None = None,
+    progress: bool = True,
+) -> tuple[dict[int, torch.Tensor], PreferenceReport]:
+    """Train additive steering vectors on the preference objective (BiPO-style), with the same loop,
+    loss, KL, settings and validation as :func:`fit_preference`, so the additive baseline gets the
+    training HPR's editors get.
+
+    ``vectors`` ``{decoder block index: (d,) tensor}`` are the starting point (e.g.
+    :func:`~hpr_peft.evaluation.baselines.mean_difference_vectors`); the edit is
+    :func:`~hpr_peft.runtime.steering.additive_steering` with ``alpha``. ``model`` is a causal LM or a
+    PEFT model: its adapter is off in every pass (the edited pass is adapter off + steering, the KL
+    reference fully unedited) and none of its weights change. Returns the trained vectors (detached
+    float32 copies on the devices of ``vectors``; the inputs are not modified) and the report.
+    """
+    settings = PreferenceSettings() if settings is None else settings
+    settings.validate()
+    trainee = _vector_trainee(model, vectors, alpha)
+    report = _fit(model, tokenizer, pairs, trainee, settings, neutral_paragraphs, validation_pairs, progress)
+    trained = {
+        layer: parameter.detach().to(device=vectors[layer].device, dtype=torch.float32).clone()
+        for layer, parameter in zip(trainee.layers, trainee.parameters, strict=True)
+    }
+    return trained, report
+
+
+def _fit(
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[Any],
+    trainee: _Trainee,
+    settings: PreferenceSettings,
+    neutral_paragraphs: Sequence[str] | None,
+    validation_pairs: Sequence[Any] | None,
+    progress: bool,
+) -> PreferenceReport:
+    """The training run of both public fits: only ``trainee.parameters`` learn."""
     started = time.perf_counter()
-    run = _prepare(
-        model, tokenizer, pairs, layers, settings, neutral_paragraphs, validation_pairs, adapter_name
-    )
-    with HookSet() as hooks, _OnlyEditorsLearn(model, run.parameters) as learning:
-        runner = _Runner(model, run.prefix_ids, hooks, learning.unedited)
+    run = _prepare(model, tokenizer, pairs, trainee, settings, neutral_paragraphs, validation_pairs)
+    with HookSet() as hooks, _OnlyTheseLearn(model, run.parameters) as learning:
+        edited = contextlib.nullcontext
+        if trainee.steering is not None:
+            edited = stack_contexts(learning.unedited, trainee.steering)
+        runner = _Runner(model, run.prefix_ids, hooks, learning.unedited, edited)
         report = _train(run, runner, progress)
     report.seconds = time.perf_counter() - started
     return report
@@ -390,19 +469,17 @@ def _prepare(
     model: Any,
     tokenizer: Any,
     pairs: Sequence[Any],
-    layers: Sequence[int] | None,
+    trainee: _Trainee,
     settings: PreferenceSettings,
     neutral_paragraphs: Sequence[str] | None,
     validation_pairs: Sequence[Any] | None,
-    adapter_name: str | None,
 ) -> _Run:
     from hpr_peft.fitting.fit import check_validation_is_held_out
 
-    chosen, parameters = _editor_parameters(model, layers, adapter_name)
     if pairs is None or len(pairs) == 0:
-        raise ValueError("pairs is empty: fit_preference needs contrastive pairs to learn from.")
+        raise ValueError("pairs is empty: a preference fit needs contrastive pairs to learn from.")
     if tokenizer is None:
-        raise ValueError("tokenizer is required: fit_preference tokenises the pairs.")
+        raise ValueError("tokenizer is required: a preference fit tokenises the pairs.")
     check_validation_is_held_out(pairs, validation_pairs or [])
     train = _encode_pairs(tokenizer, pairs)
     validation = _encode_pairs(tokenizer, validation_pairs or [])
@@ -411,8 +488,8 @@ def _prepare(
     neutral = _neutral_tokens(tokenizer, neutral_paragraphs, settings)
     return _Run(
         model,
-        chosen,
-        parameters,
+        trainee.layers,
+        trainee.parameters,
         settings,
         train,
         validation,
@@ -422,9 +499,7 @@ def _prepare(
     )
 
 
-def _editor_parameters(
-    model: Any, layers: Sequence[int] | None, adapter_name: str | None
-) -> tuple[list[int], list[nn.Parameter]]:
+def _editor_trainee(model: Any, layers: Sequence[int] | None, adapter_name: str | None) -> _Trainee:
     """The layers to train (checked) and their editors' probe, angle-net and gain parameters."""
     try:
         tuner = hpr_tuner(model)
@@ -457,7 +532,29 @@ def _editor_parameters(
         layer = hpr_layers[index]
         for module in (layer.hpr_probe[adapter], layer.hpr_angle[adapter], layer.hpr_gain[adapter]):
             parameters += list(module.parameters())
-    return chosen, parameters
+    return _Trainee(chosen, parameters)
+
+
+def _vector_trainee(model: Any, vectors: dict[int, torch.Tensor], alpha: float) -> _Trainee:
+    """Float32 parameter copies of ``vectors`` (checked) and the hooks that add ``alpha`` times them."""
+    check_steering_vectors(model, vectors, check_width=True)
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not math.isfinite(alpha)
+        or alpha == 0
+    ):
+        raise ValueError(
+            f"alpha must be a finite non-zero number (the vectors learn through alpha * v), got {alpha!r}."
+        )
+    device = input_device(model)
+    layers = sorted(vectors)
+    parameters = {
+        layer: nn.Parameter(vectors[layer].detach().to(device=device, dtype=torch.float32).clone())
+        for layer in layers
+    }
+    steering = functools.partial(additive_steering, model, parameters, float(alpha), differentiable=True)
+    return _Trainee(layers, list(parameters.values()), steering)
 
 
 def _neutral_tokens(
@@ -482,7 +579,7 @@ def _neutral_tokens(
     return tokens
 
 
-class _OnlyEditorsLearn:
+class _OnlyTheseLearn:
     """Within the block only ``parameters`` require gradients and every module is in eval mode
     (no dropout); the flags and modes of before are restored on exit."""
 
@@ -490,7 +587,7 @@ class _OnlyEditorsLearn:
         self.model = model
         self.parameters = parameters
 
-    def __enter__(self) -> _OnlyEditorsLearn:
+    def __enter__(self) -> _OnlyTheseLearn:
         self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
         self.modes = [(m, m.training) for m in self.model.modules()]
         self._freeze()
@@ -506,7 +603,7 @@ class _OnlyEditorsLearn:
     @contextlib.contextmanager
     def unedited(self) -> Iterator[None]:
         """The unedited model; on exit PEFT's ``disable_adapter`` marks every adapter weight trainable
-        again, so the other editors are frozen anew."""
+        again, so the weights not trained are frozen anew."""
         with unedited_context(self.model)():
             yield
         self._freeze()
@@ -595,8 +692,7 @@ def _step(
 @torch.no_grad()
 def _reference_log_probs(runner: _Runner, rows: _Rows, cache: Any) -> torch.Tensor:
     """The unedited model's next-token log-probabilities at ``rows.kl``."""
-    with runner.unedited():
-        return torch.log_softmax(runner.logits(rows, rows.kl, cache), dim=-1)
+    return torch.log_softmax(runner.logits(rows, rows.kl, cache, edited=False), dim=-1)
 
 
 @torch.no_grad()

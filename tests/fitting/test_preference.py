@@ -1,5 +1,6 @@
 """The preference objective: it learns, it touches only the chosen editors, it is reproducible and
-saved like any fit, its KL term bites, and bad input gets a clear error."""
+saved like any fit, its KL term bites, and bad input gets a clear error; the same for the additive
+baseline's steering vectors (fit_preference_vectors)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ from peft import PeftModel, get_peft_model
 import hpr_peft.tuner.layer as layer_module
 from hpr_peft import HPRConfig
 from hpr_peft.data import ContrastivePair
-from hpr_peft.fitting import PreferenceSettings, fit_hpr, fit_preference, preference_margins
+from hpr_peft.evaluation.baselines import additive_steering
+from hpr_peft.fitting import (
+    PreferenceSettings,
+    fit_hpr,
+    fit_preference,
+    fit_preference_vectors,
+    preference_margins,
+)
 from support.models import make_char_tokenizer, make_tiny_causal_lm
 
 TOKENIZER = make_char_tokenizer()
@@ -231,3 +239,127 @@ def test_bad_inputs_give_clear_errors():
             fit_preference(model, TOKENIZER, arguments.pop("pairs"), progress=False, **arguments)
     with pytest.raises(TypeError, match="get_peft_model"):
         fit_preference(make_tiny_causal_lm("llama"), TOKENIZER, pairs(4), progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The same objective for the additive baseline
+
+
+def start_vectors(layers=(1, 2), seed: int = 0) -> dict[int, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {layer: 0.05 * torch.randn(32, generator=generator) for layer in layers}
+
+
+def steered_margins(model, vectors, alpha: float, some_pairs) -> torch.Tensor:
+    """Margins with ``additive_steering`` on the model without its HPR adapter (a plain model as is)."""
+    if isinstance(model, PeftModel):
+        with model.disable_adapter():
+            base = model.get_base_model()
+            with additive_steering(base, vectors, alpha=alpha):
+                return preference_margins(base, TOKENIZER, some_pairs)
+    with additive_steering(model, vectors, alpha=alpha):
+        return preference_margins(model, TOKENIZER, some_pairs)
+
+
+def test_trained_vectors_raise_the_margin_and_the_loss_falls():
+    model = make_tiny_causal_lm("llama")
+    start = start_vectors()
+    kept = {k: v.clone() for k, v in start.items()}
+    trained, report = fit_preference_vectors(
+        model, TOKENIZER, pairs(), start, alpha=2.0, settings=settings(epochs=4), progress=False
+    )
+    assert report.epochs[-1].loss < report.epochs[0].loss
+    assert report.epochs[-1].kl > 0  # the reference pass is unsteered
+    before = steered_margins(model, start, 2.0, pairs())
+    after = steered_margins(model, trained, 2.0, pairs())
+    assert float(after.mean()) > float(before.mean()) + 0.1
+    assert report.layers == [1, 2] and report.n_pairs == 16
+    assert all(torch.equal(start[k], kept[k]) for k in start)  # the inputs are not modified
+    assert sorted(trained) == [1, 2]
+    assert all(
+        v.dtype == torch.float32 and not v.requires_grad and v.shape == (32,) for v in trained.values()
+    )
+
+
+def test_report_margins_are_those_of_additive_steering_with_the_returned_vectors():
+    model = make_tiny_causal_lm("llama")
+    held_out = pairs(8, offset=100)
+    trained, report = fit_preference_vectors(
+        model,
+        TOKENIZER,
+        pairs(),
+        start_vectors(),
+        alpha=2.0,
+        validation_pairs=held_out,
+        settings=settings(),
+        progress=False,
+    )
+    for vectors, measured in ((start_vectors(), report.val_before), (trained, report.val_after)):
+        margins = steered_margins(model, vectors, 2.0, held_out)
+        assert measured["margin"] == pytest.approx(float(margins.mean()), abs=1e-4)
+        assert measured["accuracy"] == pytest.approx(float((margins > 0).float().mean()))
+    assert report.val_after["margin"] > report.val_before["margin"]
+
+
+def test_on_an_hpr_model_the_adapter_is_off_and_nothing_of_the_model_changes():
+    model = fitted_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    ids = TOKENIZER(pairs(1)[0].prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        edited_before = model(ids).logits
+    trained, report = fit_preference_vectors(
+        model,
+        TOKENIZER,
+        pairs(),
+        start_vectors(),
+        validation_pairs=pairs(8, offset=100),
+        settings=settings(epochs=2),
+        progress=False,
+    )
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(module.training for module in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, edited_before, rtol=0, atol=0)
+    # the edited pass had the adapter off: the report's margins are those of steering alone
+    margins = steered_margins(model, trained, 1.0, pairs(8, offset=100))
+    assert report.val_after["margin"] == pytest.approx(float(margins.mean()), abs=1e-4)
+    with_adapter = preference_margins(model, TOKENIZER, pairs(8, offset=100))
+    assert float((with_adapter - margins).abs().max()) > 1e-3
+
+
+def test_trained_vectors_are_deterministic_for_a_seed():
+    runs = [
+        fit_preference_vectors(
+            make_tiny_causal_lm("llama"),
+            TOKENIZER,
+            pairs(),
+            start_vectors(),
+            settings=settings(seed=5),
+            progress=False,
+        )
+        for _ in range(2)
+    ]
+    (a, report_a), (b, report_b) = runs
+    assert [e.loss for e in report_a.epochs] == [e.loss for e in report_b.epochs]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_vector_fit_bad_inputs_give_clear_errors():
+    model = make_tiny_causal_lm("llama")
+    cases = [
+        ({}, {}, ValueError, "non-empty dict"),
+        ({9: torch.zeros(32)}, {}, ValueError, "decoder blocks are 0..3"),
+        ({1: torch.zeros(2, 32)}, {}, ValueError, "1-D tensor"),
+        ({1: torch.zeros(16)}, {}, ValueError, "hidden size is 32"),
+        ({1: torch.zeros(32)}, {"alpha": 0.0}, ValueError, "alpha"),
+        ({1: torch.zeros(32)}, {"settings": PreferenceSettings(lr=0.0)}, ValueError, "lr"),
+    ]
+    for vectors, extra, error, message in cases:
+        with pytest.raises(error, match=message):
+            fit_preference_vectors(model, TOKENIZER, pairs(4), vectors, progress=False, **extra)
+    with pytest.raises(ValueError, match="pairs is empty"):
+        fit_preference_vectors(model, TOKENIZER, [], {1: torch.zeros(32)}, progress=False)
