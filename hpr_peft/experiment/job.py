@@ -74,7 +74,7 @@ from hpr_peft.experiment.sweep import (
 )
 from hpr_peft.experiment.table import chance_levels, format_table
 from hpr_peft.fitting import AnswerCollector, PairActivations, fit_hpr
-from hpr_peft.fitting.preference import PreferenceSettings, fit_preference
+from hpr_peft.fitting.preference import PreferenceSettings, fit_preference, fit_preference_vectors
 from hpr_peft.fitting.selection import rank_layers
 from hpr_peft.hub.shareable import save_shareable_adapter
 from hpr_peft.runtime.atomic_files import check_output_path, write_text_atomic
@@ -376,7 +376,7 @@ class _FoldSearch:
         self.probe_accuracy = probe_accuracy
         self.fit_ids, self.validation_ids = fit_ids, [q.question_id for q in validation]
         self.comparisons: dict[str, Any] = {}
-        self.preference: dict[str, Any] | None = None
+        self.preference: dict[str, Any] = {}
 
     def _first_edited_block(self) -> int:
         """The lowest block any candidate of this fold can edit."""
@@ -422,36 +422,43 @@ class _FoldSearch:
         bar.close()
         self.comparisons[method] = ranking_comparison(screen, self.probe_accuracy)
         by_effect = layer_sets(effect_ranking(screen), s.top_ks)
-        if self._tunes(method):  # the tuned editors are the only HPR candidates
+        if self.tunes:  # trained jointly: the candidates are the effect sets only
             return by_effect
         return [*by_effect, by_probe[-1]]
 
-    def _tunes(self, method: str) -> bool:
-        return method == "hpr" and self.job.settings.objective == "preference"
+    @property
+    def tunes(self) -> bool:
+        """Whether both methods are trained on the preference objective before validation."""
+        return self.job.settings.objective == "preference"
 
-    def _fine_tune(self, layers: tuple[int, ...]) -> None:
-        """Train the editors of ``layers`` jointly on the preference objective (fit pairs only; the
-        validation pairs pick the best epoch)."""
-        s = self.job.settings
-        hpr_tuner(self.job.model).set_selected_layers(list(layers))
-        report = fit_preference(
-            self.job.model,
-            self.job.tokenizer,
-            self.job.pairs_of(self.fit_ids, s.preference_pairs_per_question),
-            layers=list(layers),
-            settings=PreferenceSettings(epochs=s.preference_epochs, seed=s.seed + self.fold_index),
-            validation_pairs=self.job.pairs_of(self.validation_ids[: s.screen_questions], 1),
-            progress=s.progress,
-        )
-        self.preference = report.to_dict()
+    def _fine_tuned(self, method: str, candidates: list[EditCandidate]) -> list[EditCandidate]:
+        """The candidates after training the largest one's editors (HPR) or steering vectors (additive)
+        jointly on the preference objective: same pairs, same settings for both methods (fit pairs
+        only; the first validation questions pick the best epoch)."""
+        s, model = self.job.settings, self.job.model
+        largest = max(candidates, key=lambda c: len(c.layers))
+        common = {
+            "settings": PreferenceSettings(epochs=s.preference_epochs, seed=s.seed + self.fold_index),
+            "validation_pairs": self.job.pairs_of(self.validation_ids[: s.screen_questions], 1),
+            "progress": s.progress,
+        }
+        pairs = self.job.pairs_of(self.fit_ids, s.preference_pairs_per_question)
+        if method == "hpr":
+            hpr_tuner(model).set_selected_layers(list(largest.layers))
+            report = fit_preference(model, self.job.tokenizer, pairs, layers=list(largest.layers), **common)
+            self.preference[method] = report.to_dict()
+            return candidates
+        assert largest.vectors is not None
+        vectors, report = fit_preference_vectors(model, self.job.tokenizer, pairs, largest.vectors, **common)
+        self.preference[method] = report.to_dict()
+        return [EditCandidate(method, c.layers, {i: vectors[i] for i in c.layers}) for c in candidates]
 
     def choose(self, method: str) -> dict[float, Measurement | None]:
         """Per KL target the candidate of ``method`` with the best validation MC2 at that budget."""
         s = self.job.settings
-        sets = self.layer_sets(method)
-        if self._tunes(method):
-            self._fine_tune(max(sets, key=len))
-        candidates = self._candidates(method, sets)
+        candidates = self._candidates(method, self.layer_sets(method))
+        if self.tunes:
+            candidates = self._fine_tuned(method, candidates)
         bar = progress_bar(
             len(candidates) * len(s.kl_targets), f"fold {self.fold_index} {method} validation", s.progress
         )

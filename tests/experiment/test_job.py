@@ -114,3 +114,40 @@ def test_quick_job_end_to_end(smollm2, truthfulqa_dir, tmp_path):
     assert [p.name for p in out.rglob(".*")] == []  # every write went through a temporary file, none is left
     assert not hasattr(model, "peft_config")  # the passed model was restored
     assert isinstance(model.model.layers[0], torch.nn.Module)
+
+
+@pytest.mark.slow
+def test_quick_job_with_the_preference_objective(smollm2, truthfulqa_dir, tmp_path):
+    """Both methods are trained on the preference objective (same pairs, same settings) before the
+    matched-KL validation; the effect sets are the only candidates."""
+    _, tokenizer = smollm2
+    model = make_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    settings = JobSettings(
+        model="tiny",
+        output_dir=str(tmp_path / "out"),
+        truthfulqa_dir=str(truthfulqa_dir),
+        quick=True,
+        quick_questions=6,
+        kl_targets=KL_TARGETS[:1],
+        screen_layers=2,
+        screen_questions=2,
+        top_ks=(2,),
+        epochs=1,
+        max_validation_questions=2,
+        validation_fraction=0.5,
+        objective="preference",
+        generation_questions=0,
+        progress=False,
+    )
+    results = run_main_job(settings, model_and_tokenizer=(model, tokenizer))
+    for fold in results["per_fold"]:
+        assert set(fold["preference"]) == {"hpr", "additive"}
+        for method, report in fold["preference"].items():
+            assert report["n_pairs"] >= 1 and len(report["epochs"]) == 1, method
+            validated = {
+                tuple(r["layers"])
+                for r in fold["validation_sweep"]
+                if r["method"] == method and r["stage"] == "validation"
+            }
+            assert validated == {tuple(report["layers"])}  # only the trained set
+    assert set(results["comparisons"]) == {f"{KL_TARGETS[0]:g}"}
