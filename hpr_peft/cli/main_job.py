@@ -124,6 +124,24 @@ def _add_comparison_arguments(parser: argparse.ArgumentParser) -> None:
         help="training pairs per fit question for --objective preference (default 1)",
     )
     parser.add_argument(
+        "--rotation-direction",
+        choices=["probe", "mean_difference"],
+        default=None,
+        help="turn flagged tokens toward the probe normal (paper, default) or the mean difference",
+    )
+    parser.add_argument(
+        "--exclude-massive-dims",
+        type=int,
+        default=None,
+        help="leave the K dimensions with the largest mean h_i^2 out of the rotation (default 0)",
+    )
+    parser.add_argument(
+        "--paper-config",
+        action="store_true",
+        help="the paper's configuration: chat-format multiple-choice prompts, response tokens, a 4-layer "
+        "angle net, top-5 layers by probe accuracy",
+    )
+    parser.add_argument(
         "--no-replay",
         action="store_true",
         help="run every block in every validation pass (default: blocks below the first edited one are "
@@ -151,6 +169,9 @@ def settings_from_args(args: argparse.Namespace):
         "calibration_tolerance": args.calibration_tolerance,
         "replay": False if args.no_replay else None,
         "objective": args.objective,
+        "rotation_direction": args.rotation_direction,
+        "exclude_massive_dims": args.exclude_massive_dims,
+        "paper_config": True if args.paper_config else None,
         "preference_pairs_per_question": args.preference_pairs_per_question,
         "validation_fraction": args.validation_fraction,
         "max_validation_questions": args.max_validation_questions,

@@ -73,7 +73,7 @@ from hpr_peft.experiment.sweep import (
     result_key,
 )
 from hpr_peft.experiment.table import chance_levels, format_table
-from hpr_peft.fitting import AnswerCollector, PairActivations, fit_hpr
+from hpr_peft.fitting import AnswerCollector, PairActivations, collect_activations, fit_hpr
 from hpr_peft.fitting.preference import PreferenceSettings, fit_preference, fit_preference_vectors
 from hpr_peft.fitting.selection import rank_layers
 from hpr_peft.hub.shareable import save_shareable_adapter
@@ -156,6 +156,7 @@ def run_main_job(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | N
     ``model_and_tokenizer`` replaces loading ``settings.model`` (tests); that model gets an HPR adapter
     injected for the run and is restored (``unload()``) at the end.
     """
+    settings = settings.resolved()
     settings.validate()
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -196,25 +197,13 @@ def _prepare(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | None,
     clock.lap("load_model")
     questions = _questions(settings)
     ids = [q.question_id for q in questions]
-    pairs = load_truthfulqa(settings.truthfulqa_dir, format="qa", answers="mc2", question_ids=ids)
     n_layers = len(find_decoder_stack(base))
-    model = get_peft_model(base, HPRConfig(target_layers="all"))
+    model = get_peft_model(base, _adapter_config(settings, base))
     model.eval()
+    unedited, scorer, pairs, activations = _unedited_pass(settings, model, tokenizer, questions)
     print(
         f"[hpr-peft main] {settings.model}: {len(questions)} questions, {len(pairs)} pairs, {n_layers} layers"
     )
-    # One unedited pass both scores every question and records the fitting activations (all layers)
-    # at the answer tokens it reads anyway: no separate collection pass.
-    collector = AnswerCollector(range(n_layers), token_selection=settings.token_selection)
-    scorer = TruthfulQAScorer(tokenizer, questions)
-    unedited = scorer.score(
-        model,
-        context=model.disable_adapter,
-        progress=settings.progress,
-        desc="unedited + activations",
-        watcher=collector,
-    )
-    activations = collector.pair_activations(pairs)
     clock.lap("score_unedited_and_collect")
     # α is calibrated on one neutral text; the held-out side effects are measured on another.
     neutral = NeutralText(tokenizer, _neutral_paragraphs(settings, "calibration"))
@@ -241,6 +230,61 @@ def _prepare(settings: JobSettings, model_and_tokenizer: tuple[Any, Any] | None,
         scorer.n_tokens,
         _generation_questions(settings, ids),
     )
+
+
+def _adapter_config(settings: JobSettings, base: Any) -> HPRConfig:
+    """An adapter on every block, with the run's rotation options (and the paper's 4-layer angle net)."""
+    options: dict[str, Any] = {
+        "rotation_direction": settings.rotation_direction,
+        "exclude_massive_dims": settings.exclude_massive_dims,
+    }
+    if settings.paper_config:
+        width = base.get_input_embeddings().embedding_dim
+        options["angle_hidden_sizes"] = [width // 2, width // 4, width // 8]
+    return HPRConfig(target_layers="all", **options)
+
+
+def _unedited_pass(
+    settings: JobSettings, model: Any, tokenizer: Any, questions: list[MCQuestion]
+) -> tuple[MCResult, TruthfulQAScorer, list[ContrastivePair], PairActivations]:
+    """Score every question unedited; the fitting activations come from the same pass (its answer
+    tokens, QA prompts) or, with ``paper_config``, from the paper's chat-format multiple-choice prompts
+    (response tokens, a separate collection)."""
+    ids = [q.question_id for q in questions]
+    scorer = TruthfulQAScorer(tokenizer, questions)
+    n_layers = len(find_decoder_stack(model))
+    if settings.paper_config:
+        pairs = load_truthfulqa(
+            settings.truthfulqa_dir,
+            format="mc_chat",
+            tokenizer=tokenizer,
+            question_ids=ids,
+            max_pairs_per_question=settings.paper_pairs_per_question,
+        )
+        unedited = scorer.score(
+            model, context=model.disable_adapter, progress=settings.progress, desc="unedited"
+        )
+        activations = collect_activations(
+            model,
+            tokenizer,
+            pairs,
+            layers=range(n_layers),
+            token_selection="response",
+            progress=settings.progress,
+        )
+        return unedited, scorer, pairs, activations
+    pairs = load_truthfulqa(settings.truthfulqa_dir, format="qa", answers="mc2", question_ids=ids)
+    # One unedited pass both scores every question and records the fitting activations (all layers)
+    # at the answer tokens it reads anyway: no separate collection pass.
+    collector = AnswerCollector(range(n_layers), token_selection=settings.token_selection)
+    unedited = scorer.score(
+        model,
+        context=model.disable_adapter,
+        progress=settings.progress,
+        desc="unedited + activations",
+        watcher=collector,
+    )
+    return unedited, scorer, pairs, collector.pair_activations(pairs)
 
 
 def _generation_questions(settings: JobSettings, ids: list[str]) -> dict[str, GenerationQuestion]:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from hpr_peft.fitting.activations import TOKEN_SELECTIONS
 from hpr_peft.fitting.angle_targets import ANGLE_TARGETS
 from hpr_peft.fitting.selection import check_selection
-from hpr_peft.tuner.config import validate_alpha
+from hpr_peft.tuner.config import HPRConfig, validate_alpha
 
-__all__ = ["LAYER_SEARCHES", "MODEL_DEFAULTS", "OBJECTIVES", "JobSettings"]
+__all__ = ["LAYER_SEARCHES", "MODEL_DEFAULTS", "OBJECTIVES", "PAPER_CONFIG", "JobSettings"]
 
 # How each fold picks the edited layers: "effect" screens single layers by validation ΔMC2 at the
 # smallest KL target; "probe" takes the layers with the best validation probe accuracy.
@@ -19,6 +19,9 @@ LAYER_SEARCHES = ("effect", "probe")
 # How the HPR editors are trained: the paper's objective on cached activations, or that fit then
 # fine-tuned end to end on answer likelihood (hpr_peft.fitting.preference) for the largest layer set.
 OBJECTIVES = ("paper", "preference")
+# The paper's own configuration (Pham & Nguyen 2024): chat-format multiple-choice prompts, response
+# tokens, a 4-layer angle net (job.py) and the top-5 layers by probe accuracy.
+PAPER_CONFIG: dict[str, Any] = {"token_selection": "response", "top_ks": (5,), "layer_search": "probe"}
 
 # Recommended settings per bundled model, used by ``hpr-peft main`` where the command line is silent.
 # Gemma-3's residual stream is dominated by a few massive dimensions shared by every token, so the
@@ -56,6 +59,10 @@ class JobSettings:
     objective: str = "paper"
     preference_pairs_per_question: int = 1
     preference_epochs: int = 1
+    rotation_direction: str = "probe"
+    exclude_massive_dims: int = 0
+    paper_config: bool = False
+    paper_pairs_per_question: int = 4
     epochs: int = 5
     normalize_additive: bool = True
     monitor_questions: int = 40
@@ -83,6 +90,7 @@ class JobSettings:
         if not 0 < self.calibration_tolerance < 1:
             raise ValueError(f"calibration_tolerance must be in (0, 1), got {self.calibration_tolerance!r}.")
         validate_alpha(self.max_alpha)
+        HPRConfig(rotation_direction=self.rotation_direction, exclude_massive_dims=self.exclude_massive_dims)
         for top_k in self.top_ks:
             check_selection(top_k, None)
         if self.layer_search not in LAYER_SEARCHES:
@@ -96,6 +104,7 @@ class JobSettings:
             "screen_questions",
             "preference_pairs_per_question",
             "preference_epochs",
+            "paper_pairs_per_question",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -106,6 +115,11 @@ class JobSettings:
             )
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+
+    def resolved(self) -> JobSettings:
+        """These settings with ``paper_config``'s choices applied (the paper's response tokens, top-5
+        layers by probe accuracy); unchanged without it."""
+        return replace(self, **PAPER_CONFIG) if self.paper_config else self
 
     @property
     def question_limit(self) -> int | None:

@@ -151,3 +151,56 @@ def test_quick_job_with_the_preference_objective(smollm2, truthfulqa_dir, tmp_pa
             }
             assert validated == {tuple(report["layers"])}  # only the trained set
     assert set(results["comparisons"]) == {f"{KL_TARGETS[0]:g}"}
+
+
+def test_paper_config_applies_the_papers_choices():
+    plain = JobSettings()
+    assert plain.resolved() is plain
+    paper = JobSettings(paper_config=True, top_ks=(1, 3)).resolved()
+    assert paper.token_selection == "response" and paper.top_ks == (5,) and paper.layer_search == "probe"
+    with pytest.raises(ValueError, match="rotation_direction"):
+        JobSettings(rotation_direction="sideways").validate()
+    args = build_parser("main").parse_args(
+        ["main", "--paper-config", "--rotation-direction", "mean_difference", "--exclude-massive-dims", "2"]
+    )
+    from hpr_peft.cli.main_job import settings_from_args
+
+    settings = settings_from_args(args)
+    assert settings.paper_config and settings.rotation_direction == "mean_difference"
+    assert settings.exclude_massive_dims == 2
+
+
+@pytest.mark.slow
+def test_quick_job_in_the_paper_configuration_with_rotation_options(smollm2, truthfulqa_dir, tmp_path):
+    """The paper's configuration (chat-format MC pairs, response tokens, 4-layer angle net, top-5 by
+    probe accuracy), rotating toward the mean difference outside the massive dimensions."""
+    _, tokenizer = smollm2
+    model = make_tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    settings = JobSettings(
+        model="tiny",
+        output_dir=str(tmp_path / "out"),
+        truthfulqa_dir=str(truthfulqa_dir),
+        quick=True,
+        quick_questions=6,
+        kl_targets=KL_TARGETS[:1],
+        epochs=1,
+        max_validation_questions=2,
+        validation_fraction=0.5,
+        paper_config=True,
+        paper_pairs_per_question=2,
+        rotation_direction="mean_difference",
+        exclude_massive_dims=2,
+        generation_questions=0,
+        progress=False,
+    )
+    results = run_main_job(settings, model_and_tokenizer=(model, tokenizer))
+    assert results["settings"]["token_selection"] == "response" and tuple(results["settings"]["top_ks"]) == (5,)
+    n_layers = len(model.model.layers)
+    for fold in results["per_fold"]:
+        assert fold["ranking_comparison"] == {}  # layers by probe accuracy: no screening
+        chosen = fold["chosen"][f"hpr@kl{KL_TARGETS[0]:g}"]
+        assert chosen is not None and len(chosen["layers"]) == min(5, n_layers)
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert config["rotation_direction"] == "mean_difference" and config["exclude_massive_dims"] == 2
+    width = model.config.hidden_size
+    assert config["angle_hidden_sizes"] == [width // 2, width // 4, width // 8]
