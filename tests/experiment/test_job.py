@@ -14,6 +14,26 @@ from support.models import make_tiny_causal_lm
 KL_TARGETS = (0.001, 0.002)
 
 
+def _quick_settings(tmp_path, truthfulqa_dir, **overrides) -> JobSettings:
+    """The job on a few questions with a tiny model: what each end-to-end test varies is in ``overrides``."""
+    settings = {
+        "model": "tiny",
+        "output_dir": str(tmp_path / "out"),
+        "truthfulqa_dir": str(truthfulqa_dir),
+        "quick": True,
+        "quick_questions": 6,
+        "kl_targets": KL_TARGETS[:1],
+        "screen_layers": 2,
+        "screen_questions": 2,
+        "epochs": 1,
+        "max_validation_questions": 2,
+        "validation_fraction": 0.5,
+        "generation_questions": 0,
+        "progress": False,
+    }
+    return JobSettings(**{**settings, **overrides})
+
+
 def test_settings_validation():
     with pytest.raises(ValueError, match="folds"):
         JobSettings(folds=1).validate()
@@ -122,23 +142,7 @@ def test_quick_job_with_the_preference_objective(smollm2, truthfulqa_dir, tmp_pa
     matched-KL validation; the effect sets are the only candidates."""
     _, tokenizer = smollm2
     model = make_tiny_causal_lm("llama", vocab_size=len(tokenizer))
-    settings = JobSettings(
-        model="tiny",
-        output_dir=str(tmp_path / "out"),
-        truthfulqa_dir=str(truthfulqa_dir),
-        quick=True,
-        quick_questions=6,
-        kl_targets=KL_TARGETS[:1],
-        screen_layers=2,
-        screen_questions=2,
-        top_ks=(2,),
-        epochs=1,
-        max_validation_questions=2,
-        validation_fraction=0.5,
-        objective="preference",
-        generation_questions=0,
-        progress=False,
-    )
+    settings = _quick_settings(tmp_path, truthfulqa_dir, top_ks=(2,), objective="preference")
     results = run_main_job(settings, model_and_tokenizer=(model, tokenizer))
     for fold in results["per_fold"]:
         assert set(fold["preference"]) == {"hpr", "additive"}
@@ -176,25 +180,18 @@ def test_quick_job_in_the_paper_configuration_with_rotation_options(smollm2, tru
     probe accuracy), rotating toward the mean difference outside the massive dimensions."""
     _, tokenizer = smollm2
     model = make_tiny_causal_lm("llama", vocab_size=len(tokenizer))
-    settings = JobSettings(
-        model="tiny",
-        output_dir=str(tmp_path / "out"),
-        truthfulqa_dir=str(truthfulqa_dir),
-        quick=True,
-        quick_questions=6,
-        kl_targets=KL_TARGETS[:1],
-        epochs=1,
-        max_validation_questions=2,
-        validation_fraction=0.5,
+    settings = _quick_settings(
+        tmp_path,
+        truthfulqa_dir,
         paper_config=True,
         paper_pairs_per_question=2,
         rotation_direction="mean_difference",
         exclude_massive_dims=2,
-        generation_questions=0,
-        progress=False,
     )
     results = run_main_job(settings, model_and_tokenizer=(model, tokenizer))
-    assert results["settings"]["token_selection"] == "response" and tuple(results["settings"]["top_ks"]) == (5,)
+    assert results["settings"]["token_selection"] == "response" and tuple(results["settings"]["top_ks"]) == (
+        5,
+    )
     n_layers = len(model.model.layers)
     for fold in results["per_fold"]:
         assert fold["ranking_comparison"] == {}  # layers by probe accuracy: no screening
