@@ -28,6 +28,7 @@ def _quick_settings(tmp_path, truthfulqa_dir, **overrides) -> JobSettings:
         "epochs": 1,
         "max_validation_questions": 2,
         "validation_fraction": 0.5,
+        "calibration_tolerance": 0.5,  # fewer calibration steps: the tests check the flow, not precision
         "generation_questions": 0,
         "progress": False,
     }
@@ -82,6 +83,7 @@ def test_quick_job_end_to_end(smollm2, truthfulqa_dir, tmp_path):
         quick=True,
         quick_questions=8,
         kl_targets=KL_TARGETS,
+        calibration_tolerance=0.5,
         screen_layers=2,
         screen_questions=2,
         top_ks=(1, 2),
@@ -103,7 +105,7 @@ def test_quick_job_end_to_end(smollm2, truthfulqa_dir, tmp_path):
         for key, pick in fold["chosen"].items():
             target = float(key.split("@kl")[1])
             # calibrated on the calibration text: within the tolerance below the budget, never above
-            assert target * 0.9 <= pick["kl"] <= target, (key, pick)
+            assert target * 0.5 <= pick["kl"] <= target, (key, pick)
             assert len(pick["layers"]) in (1, 2)
         # both methods went through the same layer search
         assert set(fold["ranking_comparison"]) == {"hpr", "additive"}
