@@ -11,6 +11,7 @@ from hpr_peft.fitting import PairActivations, fit_hpr, train_editors
 from hpr_peft.fitting.edit_geometry import LayerGeometry, layer_geometries, target_inputs
 from hpr_peft.rotation import angle_between, mean_difference_direction, probe_consistent_angle, pseudo_rotate
 from hpr_peft.tuner.layer import predict_angle
+from support.activations import interleaved_pairs
 from support.models import make_tiny_causal_lm
 
 
@@ -26,18 +27,7 @@ def massive_pairs(n: int = 200, d: int = 32, layers=(0,), seed: int = 1) -> Pair
         x[1::2, 0] -= 1.0
         x[0::2, 2] += 0.5
         features[layer] = x
-    return PairActivations(
-        layers=list(layers),
-        hidden_size=d,
-        token_selection="last",
-        storage_dtype=torch.float32,
-        pair_group_ids=[f"g{i}" for i in range(n)],
-        seq_offsets=torch.arange(2 * n + 1),
-        pos_rows=torch.arange(0, 2 * n, 2),
-        neg_rows=torch.arange(1, 2 * n, 2),
-        row_pair=torch.arange(n),
-        features=features,
-    )
+    return interleaved_pairs(features, [f"g{i}" for i in range(n)])
 
 
 def test_layer_geometries_measure_the_mean_difference_and_the_massive_dims():

@@ -14,6 +14,7 @@ from hpr_peft.fitting import PairActivations, fit_hpr, select_layers, train_edit
 from hpr_peft.fitting.report import FitReport, LayerFitResult
 from hpr_peft.rotation import angle_between, probe_consistent_angle, pseudo_rotate
 from hpr_peft.tuner.layer import build_angle_net, predict_angle
+from support.activations import interleaved_pairs
 from support.models import make_char_tokenizer, make_tiny_causal_lm
 
 
@@ -33,18 +34,7 @@ def synthetic(
             x[1::2, 0] = -x[1::2, 0].abs() - 0.5 * scale[0]
             x[:, 0] -= 0  # hyperplane through the origin separates them
         feats[layer] = x
-    return PairActivations(
-        layers=list(layers),
-        hidden_size=d,
-        token_selection="last",
-        storage_dtype=torch.float32,
-        pair_group_ids=[f"g{i // 2}" for i in range(n)],
-        seq_offsets=torch.arange(2 * n + 1),
-        pos_rows=torch.arange(0, 2 * n, 2),
-        neg_rows=torch.arange(1, 2 * n, 2),
-        row_pair=torch.arange(n),
-        features=feats,
-    )
+    return interleaved_pairs(feats, [f"g{i // 2}" for i in range(n)])
 
 
 def test_separable_probe_reaches_one_and_angle_loss_falls():
