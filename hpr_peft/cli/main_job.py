@@ -124,6 +124,21 @@ def _add_comparison_arguments(parser: argparse.ArgumentParser) -> None:
         help="training pairs per fit question for --objective preference (default 1)",
     )
     parser.add_argument(
+        "--preference-epochs", type=int, default=None, help="epochs of the preference stage (default 1)"
+    )
+    parser.add_argument(
+        "--preference-lr",
+        type=float,
+        default=None,
+        help="learning rate of the preference stage (default 5e-3)",
+    )
+    parser.add_argument(
+        "--preference-kl-weight",
+        type=float,
+        default=None,
+        help="weight of KL(edited || unedited) on the prompts in the preference loss (default 1)",
+    )
+    parser.add_argument(
         "--rotation-direction",
         choices=["probe", "mean_difference"],
         default=None,
@@ -173,6 +188,9 @@ def settings_from_args(args: argparse.Namespace):
         "exclude_massive_dims": args.exclude_massive_dims,
         "paper_config": True if args.paper_config else None,
         "preference_pairs_per_question": args.preference_pairs_per_question,
+        "preference_epochs": args.preference_epochs,
+        "preference_lr": args.preference_lr,
+        "preference_kl_weight": args.preference_kl_weight,
         "validation_fraction": args.validation_fraction,
         "max_validation_questions": args.max_validation_questions,
         "epochs": args.epochs,

@@ -8,6 +8,7 @@ from typing import Any
 
 from hpr_peft.fitting.activations import TOKEN_SELECTIONS
 from hpr_peft.fitting.angle_targets import ANGLE_TARGETS
+from hpr_peft.fitting.preference import PreferenceSettings
 from hpr_peft.fitting.selection import check_selection
 from hpr_peft.tuner.config import HPRConfig, validate_alpha
 
@@ -59,6 +60,9 @@ class JobSettings:
     objective: str = "paper"
     preference_pairs_per_question: int = 1
     preference_epochs: int = 1
+    preference_lr: float = 5e-3
+    preference_kl_weight: float = 1.0
+    preference_stop_fraction: float = 0.2
     rotation_direction: str = "probe"
     exclude_massive_dims: int = 0
     paper_config: bool = False
@@ -109,6 +113,11 @@ class JobSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not 0 < self.preference_stop_fraction < 1:
+            raise ValueError(
+                f"preference_stop_fraction must be in (0, 1), got {self.preference_stop_fraction!r}."
+            )
+        PreferenceSettings(lr=self.preference_lr, kl_weight=self.preference_kl_weight).validate()
         if self.generation_questions < 0:
             raise ValueError(
                 f"generation_questions must be >= 0 (0: no generation), got {self.generation_questions}."

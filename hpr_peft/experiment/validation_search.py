@@ -103,26 +103,45 @@ class ValidationSearch:
         """Whether both methods are trained on the preference objective before validation."""
         return self.job.settings.objective == "preference"
 
+    def preference_split(self) -> tuple[list[str], list[str]]:
+        """The fit questions split into the preference stage's training questions and the questions
+        that pick its best epoch (the last ``preference_stop_fraction``, at least one): the validation
+        questions stay reserved for choosing among the candidates, so no question makes two choices."""
+        stop = max(1, round(len(self.fit_ids) * self.job.settings.preference_stop_fraction))
+        if stop >= len(self.fit_ids):
+            raise ValueError(
+                f"preference_stop_fraction leaves no training question out of {len(self.fit_ids)} fit "
+                "questions: lower it or use more questions."
+            )
+        return self.fit_ids[:-stop], self.fit_ids[-stop:]
+
     def _fine_tuned(self, method: str, candidates: list[EditCandidate]) -> list[EditCandidate]:
         """The candidates after training the largest one's editors (HPR) or steering vectors (additive)
-        jointly on the preference objective: same pairs, same settings for both methods (fit pairs
-        only; the first validation questions pick the best epoch)."""
+        jointly on the preference objective: same pairs, same settings for both methods (fit questions
+        only; :meth:`preference_split` holds some of them back to pick the best epoch)."""
         s, model = self.job.settings, self.job.model
         largest = max(candidates, key=lambda c: len(c.layers))
+        train_ids, stop_ids = self.preference_split()
+        settings = PreferenceSettings(
+            epochs=s.preference_epochs,
+            lr=s.preference_lr,
+            kl_weight=s.preference_kl_weight,
+            seed=s.seed + self.fold_index,
+        )
         common = {
-            "settings": PreferenceSettings(epochs=s.preference_epochs, seed=s.seed + self.fold_index),
-            "validation_pairs": self.job.pairs_of(self.validation_ids[: s.screen_questions], 1),
+            "settings": settings,
+            "validation_pairs": self.job.pairs_of(stop_ids, 1),
             "progress": s.progress,
         }
-        pairs = self.job.pairs_of(self.fit_ids, s.preference_pairs_per_question)
+        pairs = self.job.pairs_of(train_ids, s.preference_pairs_per_question)
         if method == "hpr":
             hpr_tuner(model).set_selected_layers(list(largest.layers))
             report = fit_preference(model, self.job.tokenizer, pairs, layers=list(largest.layers), **common)
-            self.preference[method] = report.to_dict()
+            self.preference[method] = {**report.to_dict(), "epoch_choice_ids": stop_ids}
             return candidates
         assert largest.vectors is not None
         vectors, report = fit_preference_vectors(model, self.job.tokenizer, pairs, largest.vectors, **common)
-        self.preference[method] = report.to_dict()
+        self.preference[method] = {**report.to_dict(), "epoch_choice_ids": stop_ids}
         return [EditCandidate(method, c.layers, {i: vectors[i] for i in c.layers}) for c in candidates]
 
     def choose(self, method: str) -> dict[float, Measurement | None]:

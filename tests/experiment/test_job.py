@@ -38,6 +38,12 @@ def _quick_settings(tmp_path, truthfulqa_dir, **overrides) -> JobSettings:
 def test_settings_validation():
     with pytest.raises(ValueError, match="folds"):
         JobSettings(folds=1).validate()
+    with pytest.raises(ValueError, match="preference_stop_fraction"):
+        JobSettings(preference_stop_fraction=1.0).validate()
+    with pytest.raises(ValueError, match="kl_weight"):
+        JobSettings(preference_kl_weight=-1.0).validate()
+    with pytest.raises(ValueError, match="lr"):
+        JobSettings(preference_lr=0.0).validate()
     with pytest.raises(ValueError, match="kl_targets"):
         JobSettings(kl_targets=()).validate()
     with pytest.raises(ValueError, match="layer_search"):
@@ -144,12 +150,27 @@ def test_quick_job_with_the_preference_objective(smollm2, truthfulqa_dir, tmp_pa
     matched-KL validation; the effect sets are the only candidates."""
     _, tokenizer = smollm2
     model = make_tiny_causal_lm("llama", vocab_size=len(tokenizer))
-    settings = _quick_settings(tmp_path, truthfulqa_dir, top_ks=(2,), objective="preference")
+    settings = _quick_settings(
+        tmp_path,
+        truthfulqa_dir,
+        quick_questions=8,
+        top_ks=(2,),
+        objective="preference",
+        preference_epochs=2,
+        preference_kl_weight=10.0,
+        preference_lr=1e-3,
+    )
     results = run_main_job(settings, model_and_tokenizer=(model, tokenizer))
     for fold in results["per_fold"]:
         assert set(fold["preference"]) == {"hpr", "additive"}
         for method, report in fold["preference"].items():
-            assert report["n_pairs"] >= 1 and len(report["epochs"]) == 1, method
+            assert report["n_pairs"] >= 1 and len(report["epochs"]) == 2, method
+            assert report["settings"]["kl_weight"] == 10.0 and report["settings"]["lr"] == 1e-3
+            # the best epoch is picked on fit questions held back from training, never on the
+            # validation questions that then choose among the candidates
+            stop_ids = set(report["epoch_choice_ids"])
+            assert stop_ids and stop_ids <= set(fold["fit_ids"]) and report["n_val_pairs"] == len(stop_ids)
+            assert not stop_ids & set(fold["validation_ids"])
             validated = {
                 tuple(r["layers"])
                 for r in fold["validation_sweep"]
@@ -174,6 +195,15 @@ def test_paper_config_applies_the_papers_choices():
     settings = settings_from_args(args)
     assert settings.paper_config and settings.rotation_direction == "mean_difference"
     assert settings.exclude_massive_dims == 2
+    args = build_parser("main").parse_args(
+        ["main", "--preference-epochs", "3", "--preference-lr", "0.001", "--preference-kl-weight", "10"]
+    )
+    settings = settings_from_args(args)
+    assert (settings.preference_epochs, settings.preference_lr, settings.preference_kl_weight) == (
+        3,
+        1e-3,
+        10.0,
+    )
 
 
 @pytest.mark.slow
