@@ -31,11 +31,13 @@ Rules:
 - an edit at a block < L cannot run (its block is skipped): a stub calls the block-output hooks of the
   block it replaces and raises when one changes the state (additive steering always does; an HPR layer
   when it flags a token of the state it is handed). ``monitor`` records nothing meaningful below L;
-- the swap is process-wide: other threads calling the model during the replay see the stubs.
+- the replay belongs to the thread that entered it: other threads calling the model meanwhile run
+  the real blocks (each stub hands their calls to the block it stands in for).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -132,6 +134,7 @@ class _ReplayState:
     def __init__(self, record: BlockInputs) -> None:
         self.record = record
         self.calls = 0
+        self.thread = threading.get_ident()
 
     def start_call(self, embedded: torch.Tensor) -> None:
         index, recorded = self.calls, len(self.record)
@@ -181,7 +184,9 @@ class _SkippedBlock(nn.Module):
         # Not a submodule: the skipped block's parameters stay listed once, under the real model.
         object.__setattr__(self, "original", original)
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() != self.state.thread:
+            return self.original(*args, **kwargs)
         hidden = _hidden_argument(args, kwargs)
         if self.index == 0:
             self.state.start_call(hidden)

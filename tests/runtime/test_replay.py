@@ -6,6 +6,8 @@ unedited pass fed them, with the same masks, positions and KV cache of their own
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -174,3 +176,25 @@ def test_an_early_stopped_recording_is_refused():
     model = make_tiny_causal_lm("llama")
     with pytest.raises(ReplayMismatch, match="stopped before block 2"), record_block_inputs(model, 2):
         forward_until(model, find_decoder_stack(model).layers[0], input_ids=token_ids(1, 4))
+
+
+def test_other_threads_run_the_real_blocks_during_a_replay():
+    """The replay is the entering thread's: a forward from another thread meanwhile is a full forward,
+    and the replaying thread's own calls still follow the record."""
+    model = make_tiny_causal_lm("llama")
+    replayed_ids, other_ids = token_ids(1, 6, seed=1), token_ids(2, 9, seed=3)
+    record = _recorded(model, replayed_ids)
+    with torch.no_grad():
+        want_other, want_replayed = model(input_ids=other_ids).logits, model(input_ids=replayed_ids).logits
+    got: dict[str, torch.Tensor] = {}
+
+    def other_thread() -> None:
+        with torch.no_grad():
+            got["other"] = model(input_ids=other_ids).logits
+
+    with torch.no_grad(), replay_from_block(model, record):
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+        got["replayed"] = model(input_ids=replayed_ids).logits
+    assert torch.equal(got["other"], want_other) and torch.equal(got["replayed"], want_replayed)
