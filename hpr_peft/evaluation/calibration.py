@@ -5,9 +5,9 @@ of 1 move the model by very different amounts). Comparing them at one *side effe
 the strongest ``alpha`` whose mean KL(edited ‖ unedited) per token on the neutral corpus
 (:mod:`hpr_peft.evaluation.side_effects`) stays within ``target_kl``.
 
-:func:`kl_calibration` searches ``alpha ≥ 0`` assuming KL grows with ``alpha`` (KL(0) = 0): it doubles
-``alpha`` from ``start_alpha`` until the KL passes the target (or shrinks it while the KL is above),
-then narrows the bracket (interpolating ``log KL`` against ``log alpha``, which is near linear: KL grows
+:func:`kl_calibration` searches ``alpha ≥ 0`` assuming KL grows with ``alpha`` (KL(0) = 0): it raises
+``alpha`` from ``start_alpha`` (aiming by KL ∝ ``alpha²``, at most doubling) until the KL passes the
+target (or shrinks it while the KL is above), then narrows the bracket (interpolating ``log KL`` against ``log alpha``, which is near linear: KL grows
 like ``alpha²`` for small edits) until a measured KL lies in ``[target·(1 − tolerance), target]``. The
 budget is a promise: the returned ``alpha`` is always one whose *measured* KL is within it. A KL that
 falls as ``alpha`` grows (an HPR angle ``alpha·f(h)`` past π turns tokens back) is logged as a warning.
@@ -90,6 +90,12 @@ class KLCalibration:
     kl: float
     target_kl: float
     evaluations: tuple[tuple[float, float], ...]
+    reused: int = 0  # how many of ``evaluations`` came from ``known`` (measured by an earlier search)
+
+    @property
+    def passes(self) -> int:
+        """Neutral-text passes this search ran."""
+        return len(self.evaluations) - self.reused
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -97,6 +103,7 @@ class KLCalibration:
             "kl": self.kl,
             "target_kl": self.target_kl,
             "evaluations": [[a, k] for a, k in self.evaluations],
+            "reused": self.reused,
         }
 
 
@@ -141,7 +148,12 @@ class _Search:
         aim = (self.target + self.floor) / 2  # the middle of the band
         if self.high is None:
             assert self.low is not None
-            return None if self.low[0] >= max_alpha else min(2 * self.low[0], max_alpha)
+            low_alpha, low_kl = self.low
+            if low_alpha >= max_alpha:
+                return None
+            # aim by KL ∝ alpha² (small edits), stepping at most 2× and at least 1.25×
+            ratio = math.sqrt(aim / low_kl) if low_kl > 0 else 2.0
+            return min(low_alpha * min(max(ratio, 1.25), 2.0), max_alpha)
         if self.low is None:
             high_alpha, high_kl = self.high
             ratio = math.sqrt(aim / high_kl) if math.isfinite(high_kl) else 0.0
@@ -192,9 +204,14 @@ def kl_calibration(
     start_alpha: float = 1.0,
     max_alpha: float = 64.0,
     max_evaluations: int = 24,
+    known: Sequence[tuple[float, float]] = (),
 ) -> KLCalibration:
     """The largest measured ``alpha`` with KL ≤ ``target_kl``, found once one lies within
     ``[target_kl·(1 − tolerance), target_kl]`` (module docstring).
+
+    ``known`` are ``(alpha, kl)`` points of the same edit on the same neutral text measured before
+    (say while calibrating it to another budget): the search starts from them and measures only what
+    they leave open, so a second budget often costs one pass or none.
 
     ``neutral`` is measured as is; without a reference yet, it gets one from ``unedited_context(model)``
     (the adapter off). Raises ``ValueError`` when even ``max_alpha`` stays below the band (the edit
@@ -207,14 +224,19 @@ def kl_calibration(
     if not neutral.has_reference:
         neutral.compute_reference(model, unedited_context(model))
     search = _Search(target=float(target_kl), floor=float(target_kl) * (1 - tolerance))
+    for known_alpha, known_kl in known:
+        search.record(float(known_alpha), float(known_kl))
+    reused = len(search.evaluations)
     alpha: float | None = float(start_alpha)
-    while alpha is not None and not search.done and len(search.evaluations) < max_evaluations:
+    if reused:
+        alpha = None if search.done else search.next_alpha(max_alpha)
+    while alpha is not None and not search.done and len(search.evaluations) - reused < max_evaluations:
         search.record(alpha, _measure(model, neutral, edit, alpha))
         alpha = None if search.done else search.next_alpha(max_alpha)
-    return _result(search, max_alpha)
+    return _result(search, max_alpha, reused)
 
 
-def _result(search: _Search, max_alpha: float) -> KLCalibration:
+def _result(search: _Search, max_alpha: float, reused: int) -> KLCalibration:
     low, evaluations = search.low, tuple(search.evaluations)
     if search.high is None and low is not None and low[0] >= max_alpha and not search.done:
         raise ValueError(
@@ -233,7 +255,9 @@ def _result(search: _Search, max_alpha: float) -> KLCalibration:
             "KL %.4g is the strongest edit measured within budget.",
             len(evaluations), search.floor, search.target, low[0], low[1],
         )  # fmt: skip
-    return KLCalibration(alpha=low[0], kl=low[1], target_kl=search.target, evaluations=evaluations)
+    return KLCalibration(
+        alpha=low[0], kl=low[1], target_kl=search.target, evaluations=evaluations, reused=reused
+    )
 
 
 def calibrate_on_neutral(

@@ -68,6 +68,7 @@ class Measurement:
             "alpha": self.calibration.alpha,
             "kl": self.calibration.kl,
             "calibration_evaluations": len(self.calibration.evaluations),
+            "calibration_passes": self.calibration.passes,
             "mc1": self.result.mc1_mean,
             "mc2": self.result.mc2_mean,
             "delta_mc2": self.result.mc2_mean - base.mc2_mean,
@@ -121,6 +122,13 @@ class BudgetedMeasure:
     max_alpha: float
     replay: Replay | None = None
     measured: dict[tuple[Any, ...], Measurement] = field(default_factory=dict)
+    # every (alpha, kl) measured per candidate: a later budget or stage starts from them
+    kl_points: dict[tuple[Any, ...], list[tuple[float, float]]] = field(default_factory=dict)
+
+    def forget_kl_points(self, method: str) -> None:
+        """Drop the KL points of ``method``'s candidates (their editors or vectors were retrained)."""
+        for key in [k for k in self.kl_points if k[0] == method]:
+            del self.kl_points[key]
 
     def _replays(self, candidate: EditCandidate) -> bool:
         return self.replay is not None and self.replay.covers(candidate)
@@ -131,18 +139,22 @@ class BudgetedMeasure:
         if self._replays(candidate):
             assert self.replay is not None
             edit = self.replay.edit(edit, "neutral")
+        points = self.kl_points.setdefault(candidate.key, [])
         try:
-            return kl_calibration(
+            calibration = kl_calibration(
                 self.model,
                 self.neutral,
                 edit,
                 target_kl,
                 tolerance=self.tolerance,
                 max_alpha=self.max_alpha,
+                known=points,
             )
         except ValueError as exc:
             logger.warning("%s %s at KL %g: %s", candidate.method, list(candidate.layers), target_kl, exc)
             return None
+        points[:] = calibration.evaluations
+        return calibration
 
     def measure(
         self, candidate: EditCandidate, target_kl: float, scorer: TruthfulQAScorer, stage: str

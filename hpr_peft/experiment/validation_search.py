@@ -122,6 +122,7 @@ class ValidationSearch:
         s, model = self.job.settings, self.job.model
         largest = max(candidates, key=lambda c: len(c.layers))
         train_ids, stop_ids = self.preference_split()
+        self.measure.forget_kl_points(method)  # the KL curve changes with the trained weights
         settings = PreferenceSettings(
             epochs=s.preference_epochs,
             lr=s.preference_lr,

@@ -60,18 +60,54 @@ def assert_promise_kept(result: KLCalibration, tolerance: float = 0.1) -> None:
     assert result.alpha == max(within)
 
 
-def test_doubles_until_over_the_target_then_narrows_the_bracket():
+def test_steps_up_at_most_doubling_then_aims_by_the_square_law():
     result = calibrate(lambda a: 0.01 * a**2, 0.5)
-    assert [a for a, _ in result.evaluations[:4]] == [1.0, 2.0, 4.0, 8.0]
+    assert [a for a, _ in result.evaluations[:3]] == [1.0, 2.0, 4.0]  # far below: doubling
     assert_promise_kept(result)
     assert math.sqrt(45) <= result.alpha <= math.sqrt(50)
-    assert len(result.evaluations) <= 6
+    assert len(result.evaluations) == 4  # from KL 0.16 at 4 the square law lands in the band
+    assert result.passes == 4 and result.reused == 0
     assert result.to_dict() == {
         "alpha": result.alpha,
         "kl": result.kl,
         "target_kl": 0.5,
         "evaluations": [list(e) for e in result.evaluations],
+        "reused": 0,
     }
+
+
+def test_known_points_from_another_budget_are_reused_not_remeasured():
+    measured = []
+
+    def curve(alpha):
+        measured.append(alpha)
+        return 0.02 * alpha**2.5
+
+    first = calibrate(curve, 0.05)
+    assert len(measured) == first.passes == len(first.evaluations)
+    measured.clear()
+    second = calibrate(curve, 0.1, known=first.evaluations)
+    assert_promise_kept(second)
+    assert second.reused == len(first.evaluations) and second.passes == len(measured) <= 2
+    assert set(measured).isdisjoint(a for a, _ in first.evaluations)
+    measured.clear()
+    again = calibrate(curve, 0.05, known=first.evaluations)  # already in the band: no pass at all
+    assert measured == [] and again.passes == 0 and (again.alpha, again.kl) == (first.alpha, first.kl)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    power=st.floats(0.5, 4.0),
+    first=st.floats(1e-3, 1.0),
+    second=st.floats(1e-3, 1.0),
+    tolerance=st.floats(0.02, 0.5),
+)
+def test_a_search_seeded_with_another_budgets_points_keeps_the_promise(power, first, second, tolerance):
+    curve = lambda a: 0.01 * a**power  # noqa: E731
+    assume(curve(64.0) >= max(first, second))
+    earlier = calibrate(curve, first, tolerance=tolerance)
+    result = calibrate(curve, second, tolerance=tolerance, known=earlier.evaluations)
+    assert_promise_kept(result, tolerance)
 
 
 def test_shrinks_alpha_while_the_kl_is_above_the_target():

@@ -74,3 +74,28 @@ def test_an_unreachable_budget_is_recorded_not_raised():
 )
 def test_result_keys(method, target, key):
     assert result_key(method, target) == key
+
+
+def test_kl_points_carry_over_between_budgets_and_stages_until_the_editors_change():
+    """A candidate's (alpha, KL) points serve its later budgets and stages: the same budget in another
+    stage costs no neutral pass and gives the same alpha; retraining a method drops its points."""
+    model, neutral, scorer = _setup()
+    target = _target(model, neutral)
+    candidate = EditCandidate("hpr", (2, 3))
+    measure = BudgetedMeasure(model, neutral, 0.1, 64.0)
+    screen = measure.measure(candidate, target, scorer, "screen")
+    assert screen.calibration.reused == 0 and screen.calibration.passes >= 1
+    validation = measure.measure(candidate, target, scorer, "validation")
+    assert validation.calibration.passes == 0 and validation.calibration.alpha == screen.calibration.alpha
+    larger = measure.measure(candidate, 2 * target, scorer, "validation")
+    assert larger.calibration.reused >= len(screen.calibration.evaluations)
+    assert 2 * target * 0.9 <= larger.calibration.kl <= 2 * target
+    assert (
+        larger.row(0, scorer.score(model, context=model.disable_adapter, progress=False))[
+            "calibration_passes"
+        ]
+        == larger.calibration.passes
+    )
+    measure.forget_kl_points("hpr")
+    fresh = measure.measure(candidate, target, scorer, "other stage")
+    assert fresh.calibration.reused == 0 and fresh.calibration == screen.calibration
