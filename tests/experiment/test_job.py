@@ -69,10 +69,11 @@ def test_cli_applies_model_defaults_unless_overridden():
     assert plain.angle_target == "paper" and plain.kl_targets == JobSettings().kl_targets
     gemma = settings_from_args(parse(["main", "--model", "gemma3", "--layer-search", "probe"]))
     assert gemma.angle_target == "probe" and gemma.layer_search == "probe"
-    mine = settings_from_args(
-        parse(["main", "--model", "gemma3", "--angle-target", "paper", "--epochs", "2"])
-    )
+    assert gemma.exclude_massive_dims == 4 and plain.exclude_massive_dims == 0
+    overrides = ["--angle-target", "paper", "--epochs", "2", "--exclude-massive-dims", "0"]
+    mine = settings_from_args(parse(["main", "--model", "gemma3", *overrides]))
     assert mine.angle_target == "paper" and mine.epochs == 2 and mine.output_dir == "outputs/gemma3"
+    assert mine.exclude_massive_dims == 0
     with pytest.raises(ValueError, match="angle_target"):
         JobSettings(angle_target="reflection").validate()
 
