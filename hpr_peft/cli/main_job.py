@@ -56,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what the angle nets learn: the paper's angle(x-, x+) or the probe-consistent angle (default paper)",
     )
     _add_comparison_arguments(parser)
+    _add_objective_arguments(parser)
     parser.add_argument("--validation-fraction", type=float, default=None)
     parser.add_argument("--max-validation-questions", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
@@ -111,6 +112,34 @@ def _add_comparison_arguments(parser: argparse.ArgumentParser) -> None:
         help="calibrated KL lies in [target*(1-tolerance), target] (default 0.1)",
     )
     parser.add_argument(
+        "--rotation-direction",
+        choices=["probe", "mean_difference"],
+        default=None,
+        help="turn flagged tokens toward the probe normal (paper, default) or the mean difference",
+    )
+    parser.add_argument(
+        "--exclude-massive-dims",
+        type=int,
+        default=None,
+        help="leave the K dimensions with the largest mean h_i^2 out of the rotation (default 0)",
+    )
+    parser.add_argument(
+        "--paper-config",
+        action="store_true",
+        help="the paper's configuration: chat-format multiple-choice prompts, response tokens, a 4-layer "
+        "angle net, top-5 layers by probe accuracy",
+    )
+    parser.add_argument(
+        "--no-replay",
+        action="store_true",
+        help="run every block in every validation pass (default: blocks below the first edited one are "
+        "recorded once and replayed)",
+    )
+
+
+def _add_objective_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the editors are trained: the paper's objective or the preference objective, and its settings."""
+    parser.add_argument(
         "--objective",
         choices=["paper", "preference"],
         default=None,
@@ -137,30 +166,6 @@ def _add_comparison_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="weight of KL(edited || unedited) on the prompts in the preference loss (default 1)",
-    )
-    parser.add_argument(
-        "--rotation-direction",
-        choices=["probe", "mean_difference"],
-        default=None,
-        help="turn flagged tokens toward the probe normal (paper, default) or the mean difference",
-    )
-    parser.add_argument(
-        "--exclude-massive-dims",
-        type=int,
-        default=None,
-        help="leave the K dimensions with the largest mean h_i^2 out of the rotation (default 0)",
-    )
-    parser.add_argument(
-        "--paper-config",
-        action="store_true",
-        help="the paper's configuration: chat-format multiple-choice prompts, response tokens, a 4-layer "
-        "angle net, top-5 layers by probe accuracy",
-    )
-    parser.add_argument(
-        "--no-replay",
-        action="store_true",
-        help="run every block in every validation pass (default: blocks below the first edited one are "
-        "recorded once and replayed)",
     )
 
 
