@@ -165,7 +165,14 @@ def _add_objective_arguments(parser: argparse.ArgumentParser) -> None:
         "--preference-kl-weight",
         type=float,
         default=None,
-        help="weight of KL(edited || unedited) on the prompts in the preference loss (default 1)",
+        help="weight of KL(edited || unedited) in the preference loss (default 1)",
+    )
+    parser.add_argument(
+        "--preference-kl-on",
+        choices=["prompts", "neutral"],
+        default=None,
+        help="where the preference loss measures its KL: the pairs' prompt tokens, or the calibration "
+        "neutral text, the side effect the methods are matched on (default prompts)",
     )
 
 
@@ -196,6 +203,7 @@ def settings_from_args(args: argparse.Namespace):
         "preference_epochs": args.preference_epochs,
         "preference_lr": args.preference_lr,
         "preference_kl_weight": args.preference_kl_weight,
+        "preference_kl_on": args.preference_kl_on,
         "validation_fraction": args.validation_fraction,
         "max_validation_questions": args.max_validation_questions,
         "epochs": args.epochs,

@@ -104,7 +104,8 @@ class NeutralText:
             )
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}.")
-        self.sequences = [list(tokenizer(p)["input_ids"])[:max_length] for p in paragraphs]
+        self.paragraphs = list(paragraphs)
+        self.sequences = [list(tokenizer(p)["input_ids"])[:max_length] for p in self.paragraphs]
         self.sequences = [s for s in self.sequences if len(s) >= 2]
         if not self.sequences:
             raise ValueError("no paragraph has 2 or more tokens: give longer paragraphs.")

@@ -64,6 +64,7 @@ class JobSettings:
     preference_epochs: int = 1
     preference_lr: float = 5e-3
     preference_kl_weight: float = 1.0
+    preference_kl_on: str = "prompts"
     preference_stop_fraction: float = 0.2
     rotation_direction: str = "probe"
     exclude_massive_dims: int = 0
@@ -119,7 +120,9 @@ class JobSettings:
             raise ValueError(
                 f"preference_stop_fraction must be in (0, 1), got {self.preference_stop_fraction!r}."
             )
-        PreferenceSettings(lr=self.preference_lr, kl_weight=self.preference_kl_weight).validate()
+        PreferenceSettings(
+            lr=self.preference_lr, kl_weight=self.preference_kl_weight, kl_on=self.preference_kl_on
+        ).validate()
         if self.generation_questions < 0:
             raise ValueError(
                 f"generation_questions must be >= 0 (0: no generation), got {self.generation_questions}."

@@ -127,10 +127,13 @@ class ValidationSearch:
             epochs=s.preference_epochs,
             lr=s.preference_lr,
             kl_weight=s.preference_kl_weight,
+            kl_on=s.preference_kl_on,
             seed=s.seed + self.fold_index,
         )
+        neutral = self.job.neutral.paragraphs if s.preference_kl_on == "neutral" else None
         common = {
             "settings": settings,
+            "neutral_paragraphs": neutral,
             "validation_pairs": self.job.pairs_of(stop_ids, 1),
             "progress": s.progress,
         }

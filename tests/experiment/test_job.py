@@ -42,6 +42,8 @@ def test_settings_validation():
         JobSettings(preference_stop_fraction=1.0).validate()
     with pytest.raises(ValueError, match="kl_weight"):
         JobSettings(preference_kl_weight=-1.0).validate()
+    with pytest.raises(ValueError, match="kl_on must be one of"):
+        JobSettings(preference_kl_on="everywhere").validate()
     with pytest.raises(ValueError, match="lr"):
         JobSettings(preference_lr=0.0).validate()
     with pytest.raises(ValueError, match="kl_targets"):
@@ -159,6 +161,7 @@ def test_quick_job_with_the_preference_objective(smollm2, truthfulqa_dir, tmp_pa
         objective="preference",
         preference_epochs=2,
         preference_kl_weight=10.0,
+        preference_kl_on="neutral",
         preference_lr=1e-3,
     )
     results = run_main_job(settings, model_and_tokenizer=(model, tokenizer))
@@ -167,6 +170,8 @@ def test_quick_job_with_the_preference_objective(smollm2, truthfulqa_dir, tmp_pa
         for method, report in fold["preference"].items():
             assert report["n_pairs"] >= 1 and len(report["epochs"]) == 2, method
             assert report["settings"]["kl_weight"] == 10.0 and report["settings"]["lr"] == 1e-3
+            assert report["settings"]["kl_on"] == "neutral"  # the calibration text, as the budgets are
+            assert all(epoch["kl"] > 0 for epoch in report["epochs"])
             # the best epoch is picked on fit questions held back from training, never on the
             # validation questions that then choose among the candidates
             stop_ids = set(report["epoch_choice_ids"])
@@ -197,7 +202,17 @@ def test_paper_config_applies_the_papers_choices():
     assert settings.paper_config and settings.rotation_direction == "mean_difference"
     assert settings.exclude_massive_dims == 2
     args = build_parser("main").parse_args(
-        ["main", "--preference-epochs", "3", "--preference-lr", "0.001", "--preference-kl-weight", "10"]
+        [
+            "main",
+            "--preference-epochs",
+            "3",
+            "--preference-lr",
+            "0.001",
+            "--preference-kl-weight",
+            "10",
+            "--preference-kl-on",
+            "neutral",
+        ]
     )
     settings = settings_from_args(args)
     assert (settings.preference_epochs, settings.preference_lr, settings.preference_kl_weight) == (
@@ -205,6 +220,7 @@ def test_paper_config_applies_the_papers_choices():
         1e-3,
         10.0,
     )
+    assert settings.preference_kl_on == "neutral" and JobSettings().preference_kl_on == "prompts"
 
 
 @pytest.mark.slow
