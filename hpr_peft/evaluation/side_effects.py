@@ -139,6 +139,18 @@ class NeutralText:
             yield ids, mask, predict
 
     @torch.no_grad()
+    def run(self, model: nn.Module) -> None:
+        """Forward the corpus through ``model`` as it stands, scoring nothing: for hooks and
+        :func:`hpr_peft.tuner.control.monitor`, which watch the passes."""
+        was_training = model.training
+        model.eval()
+        try:
+            for ids, mask, _ in self._batches(input_device(model)):
+                model(input_ids=ids, attention_mask=mask)
+        finally:
+            model.train(was_training)
+
+    @torch.no_grad()
     def _log_probs(self, model: nn.Module, context: ContextFactory | None):
         device = input_device(model)
         was_training = model.training

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -74,7 +75,7 @@ from hpr_peft.runtime.blocks import find_decoder_stack
 from hpr_peft.runtime.bundled_models import load_model
 from hpr_peft.runtime.model_io import unedited_context
 from hpr_peft.tuner import HPRConfig
-from hpr_peft.tuner.control import edit_settings, monitor
+from hpr_peft.tuner.control import LayerRecord, edit_settings, monitor
 from hpr_peft.tuner.model import hpr_tuner
 
 logger = logging.getLogger(__name__)
@@ -437,14 +438,31 @@ def _score_held_out(
 
 
 def _monitor_held_out(job: _Job, fold: Fold, layers: list[int], outcome: _FoldOutcome) -> dict[str, Any]:
-    """Probe statistics on held-out prompts with the chosen HPR layers (monitor: no editing)."""
+    """Probe statistics on held-out prompts with the chosen HPR layers (monitor: no editing), and the
+    gate's selectivity: the mean edit angle on those prompts against that on the held-out neutral
+    text, where the KL budget is spent (1 = the editors treat both alike)."""
     questions = job.questions_of(list(fold.test)[: job.settings.monitor_questions])
     with edit_settings(job.model, layers=layers), monitor(job.model) as records:
         TruthfulQAScorer(job.tokenizer, questions).score(job.model, progress=False)
+    with edit_settings(job.model, layers=layers), monitor(job.model) as neutral:
+        job.heldout_neutral.run(job.model)
     outcome.report["monitor"] = [r for r in records.summary() if r["layer"] in layers]
+    outcome.report["selectivity"] = [_selectivity(records[i], neutral[i]) for i in layers]
     return {
         "fractions": {i: records[i].fraction_flagged for i in sorted(records)},
         "angles": {i: records[i].angles.tolist() for i in layers},
+    }
+
+
+def _selectivity(prompts: LayerRecord, neutral: LayerRecord) -> dict[str, Any]:
+    edit, neutral_edit = prompts.mean_edit_angle, neutral.mean_edit_angle
+    return {
+        "layer": prompts.layer_index,
+        "prompts_fraction_flagged": prompts.fraction_flagged,
+        "neutral_fraction_flagged": neutral.fraction_flagged,
+        "prompts_mean_edit_angle": edit,
+        "neutral_mean_edit_angle": neutral_edit,
+        "ratio": edit / neutral_edit if neutral_edit > 0 else math.nan,
     }
 
 

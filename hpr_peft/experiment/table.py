@@ -47,6 +47,8 @@ def format_table(results: dict[str, Any]) -> str:
         *_comparison_lines(results.get("comparisons", {})),
         "",
         *_ranking_lines(results["per_fold"]),
+        "",
+        *_selectivity_lines(results["per_fold"]),
     ]
     lines += ["", _footer(results)]
     return "\n".join(lines)
@@ -104,6 +106,23 @@ def _ranking_lines(per_fold: list[dict[str, Any]]) -> list[str]:
         if lines
         else []
     )
+
+
+def _selectivity_lines(per_fold: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for fold in per_fold:
+        layers = [
+            f"layer {s['layer']} {s['prompts_mean_edit_angle']:.3f} / {s['neutral_mean_edit_angle']:.3f} rad "
+            f"({s['ratio']:.2f}×)"
+            for s in fold.get("selectivity") or []
+        ]
+        if layers:
+            lines.append(f"- fold {fold['fold']}: " + ", ".join(layers))
+    title = (
+        "HPR's edit selectivity, the choice at the largest KL target, before α (mean predicted angle over all tokens, "
+        "0 where the gate is closed: held-out prompts / held-out neutral text):"
+    )
+    return [title, "", *lines] if lines else []
 
 
 def _footer(results: dict[str, Any]) -> str:

@@ -93,6 +93,12 @@ class LayerRecord:
         """Predicted angles ``g·f(h)`` (radians, before ``alpha``) of the flagged tokens."""
         return torch.cat(self._angles) if self._angles else torch.empty(0)
 
+    @property
+    def mean_edit_angle(self) -> float:
+        """Mean predicted angle over *all* eligible tokens (0 for tokens not flagged): how much the
+        layer would turn an average token, before ``alpha`` (nan if none seen)."""
+        return float(self.angles.sum()) / self.n_tokens if self.n_tokens else math.nan
+
     def summary(self) -> dict[str, Any]:
         """JSON-able summary (fraction flagged, mean/max angle in radians, mean probability)."""
         angles = self.angles

@@ -51,6 +51,24 @@ def test_kl_zero_unedited_positive_edited_and_ppl_matches_manual():
     assert on.perplexity != pytest.approx(ref_ppl, rel=1e-6)
 
 
+def test_run_forwards_every_real_token_for_a_monitor():
+    """``run`` feeds the corpus to hooks (here HPR's monitor) without a reference or any scoring."""
+    from hpr_peft import monitor
+
+    tok = CharTokenizer(bos=2)
+    paragraphs = ["The cat sat on the mat.", "Rivers run to the sea.", "Bread."]
+    torch.manual_seed(0)
+    model = get_peft_model(make_tiny_causal_lm("llama"), HPRConfig(target_layers=[1], init_weights=False))
+    model.train()
+    neutral = NeutralText(tok, paragraphs, batch_size=2)
+    with monitor(model) as records:
+        neutral.run(model)
+    # every real token but each paragraph's first (the sequence start is never edited); no padding
+    assert records[1].n_tokens == sum(len(tok(p)["input_ids"]) - 1 for p in paragraphs)
+    assert model.training  # the mode it had is restored
+    assert neutral.paragraphs == paragraphs
+
+
 def test_measure_needs_reference():
     neutral = NeutralText(CharTokenizer(), ["Some text here."])
     with pytest.raises(ValueError, match="compute_reference"):

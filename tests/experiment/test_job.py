@@ -129,8 +129,16 @@ def test_quick_job_end_to_end(smollm2, truthfulqa_dir, tmp_path):
         pairs = results["comparisons"][f"{target:g}"]
         assert set(pairs) == {"hpr-additive", "hpr-unedited", "additive-unedited"}
         assert len(pairs["hpr-additive"]["mc2"]["per_fold"]) == 2
+    for fold in saved["per_fold"]:
+        # measured for HPR's choice at the largest KL budget
+        at_largest_budget = fold["chosen"][f"hpr@kl{max(KL_TARGETS):g}"]
+        selectivity = fold["selectivity"]
+        assert [s["layer"] for s in selectivity] == at_largest_budget["layers"]
+        for layer in selectivity:
+            assert 0 <= layer["neutral_fraction_flagged"] <= 1 and 0 <= layer["prompts_fraction_flagged"] <= 1
+            assert layer["neutral_mean_edit_angle"] >= 0 and layer["prompts_mean_edit_angle"] >= 0
     table = (out / "results.md").read_text()
-    assert "hpr-additive" in table and "Spearman" in table
+    assert "hpr-additive" in table and "Spearman" in table and "edit selectivity" in table
     for name in (
         "results.md",
         "matched_kl.png",

@@ -119,6 +119,9 @@ def test_monitor_records_probe_results_without_editing():
             angles = predict_angle(layer.hpr_angle["default"], h[flagged])
         torch.testing.assert_close(record.angles, angles)
         assert ((record.probabilities > 0) & (record.probabilities < 1)).all()
+        # the mean edit angle counts the tokens the gate leaves alone as 0
+        assert record.mean_edit_angle == pytest.approx(float(angles.sum()) / eligible, rel=1e-5)
+        assert 0 < record.mean_edit_angle < float(angles.mean())
     assert records[1].n_flagged == n_edited_layer1  # the same tokens the editor rotates
     json.dumps(records.summary())
     assert not torch.equal(_logits(model, ids), base)  # editing resumes after the block
