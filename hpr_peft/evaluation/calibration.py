@@ -8,8 +8,8 @@ the strongest ``alpha`` whose mean KL(edited ‖ unedited) per token on the neut
 :func:`kl_calibration` searches ``alpha ≥ 0`` assuming KL grows with ``alpha`` (KL(0) = 0): it raises
 ``alpha`` from ``start_alpha`` (aiming by KL ∝ ``alpha²``, at most doubling) until the KL passes the
 target (or shrinks it while the KL is above), then narrows the bracket (interpolating ``log KL``
-against ``log alpha``, which is near linear: KL grows like ``alpha²`` for small edits) until a measured KL lies in ``[target·(1 − tolerance), target]``. The
-budget is a promise: the returned ``alpha`` is always one whose *measured* KL is within it. A KL that
+against ``log alpha``, which is near linear: KL grows like ``alpha²`` for small edits) until a
+measured KL lies in ``[target·(1 − tolerance), target]``. The budget is a promise: the returned ``alpha`` is always one whose *measured* KL is within it. A KL that
 falls as ``alpha`` grows (an HPR angle ``alpha·f(h)`` past π turns tokens back) is logged as a warning.
 
 >>> alpha = calibrate_alpha(peft_model, tokenizer, target_kl=0.05)          # HPR adapter

@@ -29,7 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpr_peft.runtime.model_io import ContextFactory, input_device, pad_token_id, unedited_context
+from hpr_peft.runtime.model_io import (
+    ContextFactory,
+    eval_mode,
+    input_device,
+    pad_token_id,
+    unedited_context,
+)
 
 __all__ = ["NeutralText", "SideEffects", "load_neutral_paragraphs", "unedited_context"]
 
@@ -142,28 +148,19 @@ class NeutralText:
     def run(self, model: nn.Module) -> None:
         """Forward the corpus through ``model`` as it stands, scoring nothing: for hooks and
         :func:`hpr_peft.tuner.control.monitor`, which watch the passes."""
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             for ids, mask, _ in self._batches(input_device(model)):
                 model(input_ids=ids, attention_mask=mask)
-        finally:
-            model.train(was_training)
 
     @torch.no_grad()
     def _log_probs(self, model: nn.Module, context: ContextFactory | None):
         device = input_device(model)
-        was_training = model.training
-        model.eval()
-        try:
-            with context() if context is not None else contextlib.nullcontext():
-                for ids, mask, predict in self._batches(device):
-                    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-                    logp = torch.log_softmax(logits[predict].float(), dim=-1)
-                    targets = ids[:, 1:][predict]
-                    yield logp, targets
-        finally:
-            model.train(was_training)
+        with eval_mode(model), context() if context is not None else contextlib.nullcontext():
+            for ids, mask, predict in self._batches(device):
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+                logp = torch.log_softmax(logits[predict].float(), dim=-1)
+                targets = ids[:, 1:][predict]
+                yield logp, targets
 
     def compute_reference(self, model: nn.Module, reference: ContextFactory | None = None) -> float:
         """Compute and keep the unedited log-probabilities (``reference()`` gives the unedited model).

@@ -442,10 +442,11 @@ def _monitor_held_out(job: _Job, fold: Fold, layers: list[int], outcome: _FoldOu
     gate's selectivity: the mean edit angle on those prompts against that on the held-out neutral
     text, where the KL budget is spent (1 = the editors treat both alike)."""
     questions = job.questions_of(list(fold.test)[: job.settings.monitor_questions])
-    with edit_settings(job.model, layers=layers), monitor(job.model) as records:
-        TruthfulQAScorer(job.tokenizer, questions).score(job.model, progress=False)
-    with edit_settings(job.model, layers=layers), monitor(job.model) as neutral:
-        job.heldout_neutral.run(job.model)
+    with edit_settings(job.model, layers=layers):
+        with monitor(job.model) as records:
+            TruthfulQAScorer(job.tokenizer, questions).score(job.model, progress=False)
+        with monitor(job.model) as neutral:
+            job.heldout_neutral.run(job.model)
     outcome.report["monitor"] = [r for r in records.summary() if r["layer"] in layers]
     outcome.report["selectivity"] = [_selectivity(records[i], neutral[i]) for i in layers]
     return {

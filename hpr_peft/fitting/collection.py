@@ -34,6 +34,7 @@ from hpr_peft.runtime.model_io import (
     cache_inputs,
     context_length,
     distributed_rank_world,
+    eval_mode,
     forward_until,
     input_device,
     pad_token_id,
@@ -309,19 +310,13 @@ class _CollectionRun:
     ) -> int:
         """Run every batch; returns the shared-prefix length actually used."""
         model = self.model
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode(), unedited_context(model)():
-                kv = None
-                if prefix_len > 0:
-                    needed = max(self.layers) + 1 if self.early_exit else len(self.stack)
-                    kv = _prefix_cache(model, self.stack, plan.token_ids[0][:prefix_len], needed)
-                    prefix_len = prefix_len if kv is not None else 0
-                self._run_batches(plan, batches, prefix_len, kv, sink, progress)
-        finally:
-            if was_training:
-                model.train()
+        with eval_mode(model), torch.inference_mode(), unedited_context(model)():
+            kv = None
+            if prefix_len > 0:
+                needed = max(self.layers) + 1 if self.early_exit else len(self.stack)
+                kv = _prefix_cache(model, self.stack, plan.token_ids[0][:prefix_len], needed)
+                prefix_len = prefix_len if kv is not None else 0
+            self._run_batches(plan, batches, prefix_len, kv, sink, progress)
         return prefix_len
 
     def _run_batches(self, plan, batches, prefix_len: int, kv, sink, progress: bool) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "context_length",
     "distributed_rank_world",
     "ensure_distributed",
+    "eval_mode",
     "forward_until",
     "input_device",
     "output_cache",
@@ -203,3 +204,15 @@ def stack_contexts(*factories: ContextFactory | None) -> ContextFactory:
             yield
 
     return combined
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode (no dropout) inside the block; its train/eval mode of before is restored
+    on exit, also after an exception."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
