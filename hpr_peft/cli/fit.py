@@ -132,6 +132,17 @@ def _add_objective_arguments(parser: argparse.ArgumentParser) -> None:
         help="Where the KL is measured: the pairs' prompt tokens, or the bundled neutral paragraphs.",
     )
     parser.add_argument(
+        "--kl-budget",
+        type=float,
+        default=0.0,
+        help="Mean KL per token (nats) the preference loss lets pass for free; only the KL above it costs.",
+    )
+    parser.add_argument(
+        "--pref-freeze-probe",
+        action="store_true",
+        help="Train only the angle nets and gains in the preference stage; the probes keep their weights.",
+    )
+    parser.add_argument(
         "--rotation-direction",
         choices=["probe", "mean_difference"],
         default="probe",
@@ -313,6 +324,8 @@ def _preference_settings(args: argparse.Namespace):
         beta=args.pref_beta,
         kl_weight=args.kl_weight,
         kl_on=args.kl_on,
+        kl_budget=args.kl_budget,
+        freeze_probe=args.pref_freeze_probe,
         seed=args.seed,
     )
     settings.validate()

@@ -174,6 +174,19 @@ def _add_objective_arguments(parser: argparse.ArgumentParser) -> None:
         help="where the preference loss measures its KL: the pairs' prompt tokens, or the calibration "
         "neutral text, the side effect the methods are matched on (default prompts)",
     )
+    parser.add_argument(
+        "--preference-kl-budget",
+        type=float,
+        default=None,
+        help="mean KL per token (nats) the preference loss lets pass for free; only the KL above it is "
+        "penalised, so the edit can spend the budget it is later calibrated to (default 0: all KL costs)",
+    )
+    parser.add_argument(
+        "--preference-freeze-probe",
+        action="store_true",
+        help="train only HPR's angle nets and gains in the preference stage; the probes (gate and, with "
+        "--rotation-direction probe, direction) keep the paper fit's weights",
+    )
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -204,6 +217,8 @@ def settings_from_args(args: argparse.Namespace):
         "preference_lr": args.preference_lr,
         "preference_kl_weight": args.preference_kl_weight,
         "preference_kl_on": args.preference_kl_on,
+        "preference_kl_budget": args.preference_kl_budget,
+        "preference_freeze_probe": True if args.preference_freeze_probe else None,
         "validation_fraction": args.validation_fraction,
         "max_validation_questions": args.max_validation_questions,
         "epochs": args.epochs,

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from hpr_peft.data import GenerationQuestion, question_context
-from hpr_peft.runtime.model_io import ContextFactory, cache_inputs, input_device, output_cache
+from hpr_peft.runtime.model_io import ContextFactory, cache_inputs, eval_mode, input_device, output_cache
 from hpr_peft.runtime.progress import progress_bar
 
 __all__ = [
@@ -194,10 +194,8 @@ def generate_answers(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     token_lists = [list(tokenizer(prompt)["input_ids"]) for prompt in prompts]
     prefix_len = _shared_prefix(token_lists)
-    was_training = model.training
-    model.eval()
     answers = []
-    with context() if context is not None else contextlib.nullcontext():
+    with eval_mode(model), context() if context is not None else contextlib.nullcontext():
         device = input_device(model)
         prefix_cache = None
         if prefix_len:
@@ -214,7 +212,6 @@ def generate_answers(
             answers.append(decoder.answer(tokens[prefix_len:]))
             bar.update(1)
         bar.close()
-    model.train(was_training)
     return answers
 
 

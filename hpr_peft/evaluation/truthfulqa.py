@@ -42,6 +42,7 @@ from hpr_peft.runtime.model_io import (
     ContextFactory,
     HeadGather,
     cache_inputs,
+    eval_mode,
     input_device,
     output_cache,
     pad_token_id,
@@ -186,9 +187,11 @@ class TruthfulQAScorer:
         forward is also handed to it, so one pass gives scores and, say, fitting activations.
         """
         start = time.perf_counter()
-        was_training = model.training
-        model.eval()
-        with context() if context is not None else contextlib.nullcontext(), HookSet() as hooks:
+        with (
+            eval_mode(model),
+            context() if context is not None else contextlib.nullcontext(),
+            HookSet() as hooks,
+        ):
             run = self._start_pass(model, hooks)
             if self._use_packing(run, watcher):
                 all_scores = self._score_all_packed(run, watcher, progress, desc)
@@ -198,7 +201,6 @@ class TruthfulQAScorer:
                         "watching the answers while scoring needs the packed path (packed=None or True)."
                     )
                 all_scores = self._score_all_plain(run, progress, desc)
-        model.train(was_training)
         if watcher is not None:
             watcher.finish()
         return self._result(all_scores, keep_answer_scores, time.perf_counter() - start)

@@ -65,6 +65,8 @@ class JobSettings:
     preference_lr: float = 5e-3
     preference_kl_weight: float = 1.0
     preference_kl_on: str = "prompts"
+    preference_kl_budget: float = 0.0
+    preference_freeze_probe: bool = False
     preference_stop_fraction: float = 0.2
     rotation_direction: str = "probe"
     exclude_massive_dims: int = 0
@@ -121,7 +123,11 @@ class JobSettings:
                 f"preference_stop_fraction must be in (0, 1), got {self.preference_stop_fraction!r}."
             )
         PreferenceSettings(
-            lr=self.preference_lr, kl_weight=self.preference_kl_weight, kl_on=self.preference_kl_on
+            lr=self.preference_lr,
+            kl_weight=self.preference_kl_weight,
+            kl_on=self.preference_kl_on,
+            kl_budget=self.preference_kl_budget,
+            freeze_probe=self.preference_freeze_probe,
         ).validate()
         if self.generation_questions < 0:
             raise ValueError(

@@ -128,6 +128,8 @@ class ValidationSearch:
             lr=s.preference_lr,
             kl_weight=s.preference_kl_weight,
             kl_on=s.preference_kl_on,
+            kl_budget=s.preference_kl_budget,
+            freeze_probe=s.preference_freeze_probe,
             seed=s.seed + self.fold_index,
         )
         neutral = self.job.neutral.paragraphs if s.preference_kl_on == "neutral" else None

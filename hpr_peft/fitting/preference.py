@@ -6,11 +6,14 @@ trains the same editors end to end: for each pair it runs the *edited* model on
 ``prompt + positive`` and ``prompt + negative`` and minimises
 
 ``-logsigmoid(beta · (log p(positive | prompt) − log p(negative | prompt)))``
-``+ kl_weight · mean KL(p_edited || p_unedited)``
+``+ kl_weight · max(0, mean KL(p_edited || p_unedited) − kl_budget)``
 
 where ``log p`` is the **summed** log-probability of the answer tokens (what TruthfulQA's MC1/MC2
 compare) and the KL is over next-token distributions at the prompt tokens (``kl_on="prompts"``) or at
-given neutral paragraphs (``kl_on="neutral"``). The base model is frozen; only the probe, angle net
+given neutral paragraphs (``kl_on="neutral"``). With ``kl_budget`` 0 every nat of KL costs; a budget
+lets the edit spend that much KL for free, which suits a fit whose strength is calibrated to a KL
+budget afterwards: an HPR angle is ``π · sigmoid(z)``, so a penalty on all KL can push ``z`` so far
+down that no ``alpha`` brings the edit back. The base model is frozen; only the probe, angle net
 and gain of the chosen layers learn. Gradients pass the hard gate by the straight-through estimator of
 :mod:`hpr_peft.tuner.trainable_edit`; inference keeps the hard gate.
 
@@ -72,7 +75,11 @@ KL_TARGETS = ("prompts", "neutral")
 class PreferenceSettings:
     """Settings of :func:`fit_preference` (``batch_size`` counts pairs; ``beta`` scales the margin
     inside the DPO-style log-sigmoid; ``max_length`` caps the tokens of a row after the shared prefix
-    and the tokens of a neutral paragraph)."""
+    and the tokens of a neutral paragraph; ``kl_budget`` is the mean KL per token, in nats, that the
+    penalty lets pass for free; ``freeze_probe`` keeps each editor's probe fixed, so only the
+    angle net and gain learn: the gate and, with ``rotation_direction="probe"``, the direction stay
+    the paper fit's. Steering vectors have no probe, so it does not change
+    :func:`fit_preference_vectors`)."""
 
     epochs: int = 1
     lr: float = 5e-3
@@ -80,10 +87,12 @@ class PreferenceSettings:
     beta: float = 1.0
     kl_weight: float = 1.0
     kl_on: str = "prompts"
+    kl_budget: float = 0.0
     weight_decay: float = 0.0
     seed: int = 0
     max_length: int = 256
     share_prefix: bool = True
+    freeze_probe: bool = False
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "max_length"):
@@ -96,11 +105,17 @@ class PreferenceSettings:
                 raise ValueError(
                     f"PreferenceSettings.{name} must be a positive finite number, got {value!r}."
                 )
-        for name in ("kl_weight", "weight_decay"):
+        zero_means = {"kl_weight": "no KL term", "kl_budget": "every nat of KL costs", "weight_decay": "none"}
+        for name, meaning in zero_means.items():
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(
-                    f"PreferenceSettings.{name} must be a finite number >= 0 (0 turns it off), got {value!r}."
+                    f"PreferenceSettings.{name} must be a finite number >= 0 (0: {meaning}), got {value!r}."
+                )
+        for name in ("share_prefix", "freeze_probe"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"PreferenceSettings.{name} must be True or False, got {getattr(self, name)!r}."
                 )
         if self.kl_on not in KL_TARGETS:
             raise ValueError(
@@ -392,7 +407,7 @@ def fit_preference(
     """
     settings = PreferenceSettings() if settings is None else settings
     settings.validate()
-    trainee = _editor_trainee(model, layers, adapter_name)
+    trainee = _editor_trainee(model, layers, adapter_name, settings.freeze_probe)
     return _fit(model, tokenizer, pairs, trainee, settings, neutral_paragraphs, validation_pairs, progress)
 
 
@@ -499,8 +514,11 @@ def _prepare(
     )
 
 
-def _editor_trainee(model: Any, layers: Sequence[int] | None, adapter_name: str | None) -> _Trainee:
-    """The layers to train (checked) and their editors' probe, angle-net and gain parameters."""
+def _editor_trainee(
+    model: Any, layers: Sequence[int] | None, adapter_name: str | None, freeze_probe: bool = False
+) -> _Trainee:
+    """The layers to train (checked) and their editors' probe (unless ``freeze_probe``), angle-net
+    and gain parameters."""
     try:
         tuner = hpr_tuner(model)
     except TypeError:
@@ -530,7 +548,10 @@ def _editor_trainee(model: Any, layers: Sequence[int] | None, adapter_name: str 
     parameters = []
     for index in chosen:
         layer = hpr_layers[index]
-        for module in (layer.hpr_probe[adapter], layer.hpr_angle[adapter], layer.hpr_gain[adapter]):
+        modules = [layer.hpr_angle[adapter], layer.hpr_gain[adapter]]
+        if not freeze_probe:
+            modules.insert(0, layer.hpr_probe[adapter])
+        for module in modules:
             parameters += list(module.parameters())
     return _Trainee(chosen, parameters)
 
@@ -681,7 +702,7 @@ def _step(
     elif s.kl_weight > 0:
         text = _text_rows(neutral, run.pad_id, runner.device)
         kl = _kl(runner.logits(text, text.kl, None), _reference_log_probs(runner, text, None))
-    total = loss + s.kl_weight * kl
+    total = loss + s.kl_weight * (kl - s.kl_budget).clamp(min=0)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()

@@ -74,6 +74,23 @@ def test_cached_generation_equals_uncached_in_every_editing_state():
     assert answers["hpr"] != answers["unedited"] and answers["additive"] != answers["unedited"]
 
 
+def test_generation_restores_the_train_mode_also_after_an_error():
+    model = random_hpr_model("llama").train()
+    tokenizer = make_char_tokenizer()
+    generate_answers(model, tokenizer, PROMPTS[:1], max_new_tokens=2, progress=False)
+    assert model.training
+
+    @contextlib.contextmanager
+    def failing():
+        assert not model.training  # generation runs in eval mode
+        raise RuntimeError("decoding failed")
+        yield
+
+    with pytest.raises(RuntimeError, match="decoding failed"):
+        generate_answers(model, tokenizer, PROMPTS[:1], failing, max_new_tokens=2, progress=False)
+    assert model.training
+
+
 def test_bad_generation_input_is_named():
     model = random_hpr_model("llama")
     tokenizer = make_char_tokenizer()

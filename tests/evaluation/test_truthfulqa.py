@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -42,6 +43,27 @@ def test_fast_scores_equal_naive(arch, bos):
         naive = score_answers_naive(model, tok, q.question, answers, primer=PRIMER)
         fast = [result.answer_scores[q.question_id][a] for a in answers]
         assert max(abs(a - b) for a, b in zip(naive, fast, strict=True)) < 1e-4
+
+
+def test_score_restores_the_train_mode_also_after_an_error():
+    model = make_tiny_causal_lm("llama").train()
+    scorer = TruthfulQAScorer(CharTokenizer(), tiny_questions(1), primer=PRIMER)
+    seen = []
+    scorer.score(model, context=lambda: _recording(seen, model), progress=False)
+    assert seen == [False] and model.training  # scored in eval mode, train mode given back
+
+    def failing():
+        raise RuntimeError("forward failed")
+
+    with pytest.raises(RuntimeError, match="forward failed"):
+        scorer.score(model, context=failing, progress=False)
+    assert model.training
+
+
+@contextlib.contextmanager
+def _recording(seen: list, model):
+    seen.append(model.training)
+    yield
 
 
 def test_mc_metrics_strict_tie_and_mc2():

@@ -44,6 +44,10 @@ def test_settings_validation():
         JobSettings(preference_kl_weight=-1.0).validate()
     with pytest.raises(ValueError, match="kl_on must be one of"):
         JobSettings(preference_kl_on="everywhere").validate()
+    with pytest.raises(ValueError, match="freeze_probe must be True or False"):
+        JobSettings(preference_freeze_probe="yes").validate()
+    with pytest.raises(ValueError, match="kl_budget"):
+        JobSettings(preference_kl_budget=-0.1).validate()
     with pytest.raises(ValueError, match="lr"):
         JobSettings(preference_lr=0.0).validate()
     with pytest.raises(ValueError, match="kl_targets"):
@@ -170,6 +174,8 @@ def test_quick_job_with_the_preference_objective(smollm2, truthfulqa_dir, tmp_pa
         preference_epochs=2,
         preference_kl_weight=10.0,
         preference_kl_on="neutral",
+        preference_freeze_probe=True,
+        preference_kl_budget=0.01,
         preference_lr=1e-3,
     )
     results = run_main_job(settings, model_and_tokenizer=(model, tokenizer))
@@ -179,6 +185,7 @@ def test_quick_job_with_the_preference_objective(smollm2, truthfulqa_dir, tmp_pa
             assert report["n_pairs"] >= 1 and len(report["epochs"]) == 2, method
             assert report["settings"]["kl_weight"] == 10.0 and report["settings"]["lr"] == 1e-3
             assert report["settings"]["kl_on"] == "neutral"  # the calibration text, as the budgets are
+            assert report["settings"]["freeze_probe"] is True and report["settings"]["kl_budget"] == 0.01
             assert all(epoch["kl"] > 0 for epoch in report["epochs"])
             # the best epoch is picked on fit questions held back from training, never on the
             # validation questions that then choose among the candidates
@@ -220,6 +227,9 @@ def test_paper_config_applies_the_papers_choices():
             "10",
             "--preference-kl-on",
             "neutral",
+            "--preference-freeze-probe",
+            "--preference-kl-budget",
+            "0.1",
         ]
     )
     settings = settings_from_args(args)
@@ -229,6 +239,9 @@ def test_paper_config_applies_the_papers_choices():
         10.0,
     )
     assert settings.preference_kl_on == "neutral" and JobSettings().preference_kl_on == "prompts"
+    assert settings.preference_freeze_probe and not JobSettings().preference_freeze_probe
+    assert settings.preference_kl_budget == 0.1 and JobSettings().preference_kl_budget == 0.0
+    assert settings_from_args(build_parser("main").parse_args(["main"])).preference_freeze_probe is False
 
 
 @pytest.mark.slow

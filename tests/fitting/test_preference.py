@@ -131,6 +131,21 @@ def test_gradients_reach_probe_angle_net_and_gain_and_the_probe_learns_through_t
     ]
 
 
+def test_freeze_probe_trains_angle_net_and_gain_only():
+    model = fitted_model()
+    start = editor_state(model, 1)
+    report = fit_preference(
+        model, TOKENIZER, pairs(8), settings=settings(epochs=1, freeze_probe=True), progress=False
+    )
+    end = editor_state(model, 1)
+    changed = {k for k in start if not torch.equal(start[k], end[k])}
+    assert changed and all(k.startswith(("angle.", "gain.")) for k in changed), changed
+    assert all(torch.equal(start[k], end[k]) for k in start if k.startswith("probe."))
+    assert report.settings["freeze_probe"] is True
+    probe = model.base_model.hpr_layers()[1].hpr_probe["default"].weight
+    assert probe.requires_grad  # the flags of before are restored
+
+
 def test_only_the_chosen_editors_change_and_state_is_restored():
     model = fitted_model()
     base = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "hpr_" not in k}
@@ -161,6 +176,24 @@ def test_a_large_kl_weight_keeps_the_edited_model_close():
         )
         drifts[weight] = prompt_kl(model, pairs())
     assert drifts[200.0] < 0.5 * drifts[0.0], drifts
+
+
+def test_kl_within_the_budget_is_free_and_above_it_costs():
+    states = {}
+    for name, changes in {
+        "no kl": dict(kl_weight=0.0),
+        "budget above any kl": dict(kl_weight=200.0, kl_budget=1e6),
+        "no budget": dict(kl_weight=200.0),
+    }.items():
+        model = fitted_model()
+        report = fit_preference(
+            model, TOKENIZER, pairs(8), settings=settings(lr=5e-2, **changes), progress=False
+        )
+        states[name] = (editor_state(model, 1), [e.loss for e in report.epochs])
+    free, unpenalised = states["budget above any kl"], states["no kl"]
+    assert free[1] == unpenalised[1]
+    assert all(torch.equal(free[0][k], unpenalised[0][k]) for k in free[0])
+    assert not all(torch.equal(states["no budget"][0][k], free[0][k]) for k in free[0])
 
 
 def test_kl_on_neutral_paragraphs():
@@ -225,7 +258,9 @@ def test_bad_inputs_give_clear_errors():
         (dict(pairs=[]), "pairs is empty"),
         (dict(settings=PreferenceSettings(kl_on="everywhere")), "kl_on"),
         (dict(settings=PreferenceSettings(kl_weight=-1.0)), "kl_weight"),
+        (dict(settings=PreferenceSettings(kl_budget=float("nan"))), "kl_budget must be a finite number >= 0"),
         (dict(settings=PreferenceSettings(epochs=0)), "epochs"),
+        (dict(settings=PreferenceSettings(freeze_probe="yes")), "freeze_probe must be True or False"),
         (dict(layers=[0]), "not target layers"),
         (dict(layers=[3]), "do not edit"),
         (dict(settings=PreferenceSettings(kl_on="neutral")), "neutral_paragraphs"),
