@@ -182,6 +182,12 @@ def _add_objective_arguments(parser: argparse.ArgumentParser) -> None:
         "penalised, so the edit can spend the budget it is later calibrated to (default 0: all KL costs)",
     )
     parser.add_argument(
+        "--preference-at-budget",
+        action="store_true",
+        help="train each method at the alpha that meets the largest KL target (calibrated first) "
+        "instead of alpha 1, so the preference stage sees the edit at the strength it is used at",
+    )
+    parser.add_argument(
         "--preference-freeze-probe",
         action="store_true",
         help="train only HPR's angle nets and gains in the preference stage; the probes (gate and, with "
@@ -218,6 +224,7 @@ def settings_from_args(args: argparse.Namespace):
         "preference_kl_weight": args.preference_kl_weight,
         "preference_kl_on": args.preference_kl_on,
         "preference_kl_budget": args.preference_kl_budget,
+        "preference_at_budget": True if args.preference_at_budget else None,
         "preference_freeze_probe": True if args.preference_freeze_probe else None,
         "validation_fraction": args.validation_fraction,
         "max_validation_questions": args.max_validation_questions,

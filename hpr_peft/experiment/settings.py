@@ -67,6 +67,7 @@ class JobSettings:
     preference_kl_on: str = "prompts"
     preference_kl_budget: float = 0.0
     preference_freeze_probe: bool = False
+    preference_at_budget: bool = False
     preference_stop_fraction: float = 0.2
     rotation_direction: str = "probe"
     exclude_massive_dims: int = 0
@@ -118,6 +119,10 @@ class JobSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not isinstance(self.preference_at_budget, bool):
+            raise ValueError(
+                f"preference_at_budget must be True or False, got {self.preference_at_budget!r}."
+            )
         if not 0 < self.preference_stop_fraction < 1:
             raise ValueError(
                 f"preference_stop_fraction must be in (0, 1), got {self.preference_stop_fraction!r}."

@@ -122,8 +122,39 @@ class ValidationSearch:
         s, model = self.job.settings, self.job.model
         largest = max(candidates, key=lambda c: len(c.layers))
         train_ids, stop_ids = self.preference_split()
+        alpha = self._training_alpha(largest)
         self.measure.forget_kl_points(method)  # the KL curve changes with the trained weights
-        settings = PreferenceSettings(
+        common = {
+            "settings": self._preference_settings(),
+            "neutral_paragraphs": self.job.neutral.paragraphs if s.preference_kl_on == "neutral" else None,
+            "validation_pairs": self.job.pairs_of(stop_ids, 1),
+            "progress": s.progress,
+        }
+        pairs = self.job.pairs_of(train_ids, s.preference_pairs_per_question)
+        record = {"epoch_choice_ids": stop_ids, "training_alpha": alpha}
+        if method == "hpr":
+            tuner = hpr_tuner(model)
+            tuner.set_selected_layers(list(largest.layers))
+            previous_alpha = tuner.peft_config[tuner.resolve_adapter(None)].alpha
+            tuner.set_alpha(alpha)
+            try:
+                report = fit_preference(
+                    model, self.job.tokenizer, pairs, layers=list(largest.layers), **common
+                )
+            finally:
+                tuner.set_alpha(previous_alpha)
+            self.preference[method] = {**report.to_dict(), **record}
+            return candidates
+        assert largest.vectors is not None
+        vectors, report = fit_preference_vectors(
+            model, self.job.tokenizer, pairs, largest.vectors, alpha=alpha, **common
+        )
+        self.preference[method] = {**report.to_dict(), **record}
+        return [EditCandidate(method, c.layers, {i: vectors[i] for i in c.layers}) for c in candidates]
+
+    def _preference_settings(self) -> PreferenceSettings:
+        s = self.job.settings
+        return PreferenceSettings(
             epochs=s.preference_epochs,
             lr=s.preference_lr,
             kl_weight=s.preference_kl_weight,
@@ -132,23 +163,16 @@ class ValidationSearch:
             freeze_probe=s.preference_freeze_probe,
             seed=s.seed + self.fold_index,
         )
-        neutral = self.job.neutral.paragraphs if s.preference_kl_on == "neutral" else None
-        common = {
-            "settings": settings,
-            "neutral_paragraphs": neutral,
-            "validation_pairs": self.job.pairs_of(stop_ids, 1),
-            "progress": s.progress,
-        }
-        pairs = self.job.pairs_of(train_ids, s.preference_pairs_per_question)
-        if method == "hpr":
-            hpr_tuner(model).set_selected_layers(list(largest.layers))
-            report = fit_preference(model, self.job.tokenizer, pairs, layers=list(largest.layers), **common)
-            self.preference[method] = {**report.to_dict(), "epoch_choice_ids": stop_ids}
-            return candidates
-        assert largest.vectors is not None
-        vectors, report = fit_preference_vectors(model, self.job.tokenizer, pairs, largest.vectors, **common)
-        self.preference[method] = {**report.to_dict(), "epoch_choice_ids": stop_ids}
-        return [EditCandidate(method, c.layers, {i: vectors[i] for i in c.layers}) for c in candidates]
+
+    def _training_alpha(self, candidate: EditCandidate) -> float:
+        """The strength the preference stage trains ``candidate`` at: 1, or with
+        ``preference_at_budget`` the α that meets the largest KL target (1 if it cannot be met), so the
+        training sees the edit at the strength it is then calibrated to."""
+        s = self.job.settings
+        if not s.preference_at_budget:
+            return 1.0
+        calibration = self.measure.calibrate(candidate, max(s.kl_targets))
+        return 1.0 if calibration is None else calibration.alpha
 
     def choose(self, method: str) -> dict[float, Measurement | None]:
         """Per KL target the candidate of ``method`` with the best validation MC2 at that budget."""

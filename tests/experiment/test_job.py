@@ -46,6 +46,8 @@ def test_settings_validation():
         JobSettings(preference_kl_on="everywhere").validate()
     with pytest.raises(ValueError, match="freeze_probe must be True or False"):
         JobSettings(preference_freeze_probe="yes").validate()
+    with pytest.raises(ValueError, match="preference_at_budget must be True or False"):
+        JobSettings(preference_at_budget=1).validate()
     with pytest.raises(ValueError, match="kl_budget"):
         JobSettings(preference_kl_budget=-0.1).validate()
     with pytest.raises(ValueError, match="lr"):
@@ -176,6 +178,7 @@ def test_quick_job_with_the_preference_objective(smollm2, truthfulqa_dir, tmp_pa
         preference_kl_on="neutral",
         preference_freeze_probe=True,
         preference_kl_budget=0.01,
+        preference_at_budget=True,
         preference_lr=1e-3,
     )
     results = run_main_job(settings, model_and_tokenizer=(model, tokenizer))
@@ -186,6 +189,8 @@ def test_quick_job_with_the_preference_objective(smollm2, truthfulqa_dir, tmp_pa
             assert report["settings"]["kl_weight"] == 10.0 and report["settings"]["lr"] == 1e-3
             assert report["settings"]["kl_on"] == "neutral"  # the calibration text, as the budgets are
             assert report["settings"]["freeze_probe"] is True and report["settings"]["kl_budget"] == 0.01
+            # trained at the strength calibrated to the largest KL target, not at alpha 1
+            assert 0 < report["training_alpha"] != 1.0
             assert all(epoch["kl"] > 0 for epoch in report["epochs"])
             # the best epoch is picked on fit questions held back from training, never on the
             # validation questions that then choose among the candidates
@@ -228,6 +233,7 @@ def test_paper_config_applies_the_papers_choices():
             "--preference-kl-on",
             "neutral",
             "--preference-freeze-probe",
+            "--preference-at-budget",
             "--preference-kl-budget",
             "0.1",
         ]
@@ -241,6 +247,7 @@ def test_paper_config_applies_the_papers_choices():
     assert settings.preference_kl_on == "neutral" and JobSettings().preference_kl_on == "prompts"
     assert settings.preference_freeze_probe and not JobSettings().preference_freeze_probe
     assert settings.preference_kl_budget == 0.1 and JobSettings().preference_kl_budget == 0.0
+    assert settings.preference_at_budget and not JobSettings().preference_at_budget
     assert settings_from_args(build_parser("main").parse_args(["main"])).preference_freeze_probe is False
 
 
