@@ -127,19 +127,25 @@ class JobSettings:
             raise ValueError(
                 f"preference_stop_fraction must be in (0, 1), got {self.preference_stop_fraction!r}."
             )
-        PreferenceSettings(
-            lr=self.preference_lr,
-            kl_weight=self.preference_kl_weight,
-            kl_on=self.preference_kl_on,
-            kl_budget=self.preference_kl_budget,
-            freeze_probe=self.preference_freeze_probe,
-        ).validate()
+        self.preference_settings().validate()
         if self.generation_questions < 0:
             raise ValueError(
                 f"generation_questions must be >= 0 (0: no generation), got {self.generation_questions}."
             )
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+
+    def preference_settings(self, seed: int = 0) -> PreferenceSettings:
+        """The preference stage's :class:`PreferenceSettings` from these settings (``seed`` per fold)."""
+        return PreferenceSettings(
+            epochs=self.preference_epochs,
+            lr=self.preference_lr,
+            kl_weight=self.preference_kl_weight,
+            kl_on=self.preference_kl_on,
+            kl_budget=self.preference_kl_budget,
+            freeze_probe=self.preference_freeze_probe,
+            seed=seed,
+        )
 
     def resolved(self) -> JobSettings:
         """These settings with ``paper_config``'s choices applied (the paper's response tokens, top-5

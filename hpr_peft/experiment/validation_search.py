@@ -15,7 +15,7 @@ from hpr_peft.experiment.layer_search import effect_ranking, layer_sets, ranking
 from hpr_peft.experiment.methods import EditCandidate, candidates_for
 from hpr_peft.experiment.sweep import BudgetedMeasure, Measurement, Replay, best_per_target, record_replay
 from hpr_peft.fitting import PairActivations
-from hpr_peft.fitting.preference import PreferenceSettings, fit_preference, fit_preference_vectors
+from hpr_peft.fitting.preference import fit_preference, fit_preference_vectors
 from hpr_peft.runtime.progress import progress_bar
 from hpr_peft.tuner.model import hpr_tuner
 
@@ -125,7 +125,7 @@ class ValidationSearch:
         alpha = self._training_alpha(largest)
         self.measure.forget_kl_points(method)  # the KL curve changes with the trained weights
         common = {
-            "settings": self._preference_settings(),
+            "settings": s.preference_settings(seed=s.seed + self.fold_index),
             "neutral_paragraphs": self.job.neutral.paragraphs if s.preference_kl_on == "neutral" else None,
             "validation_pairs": self.job.pairs_of(stop_ids, 1),
             "progress": s.progress,
@@ -151,18 +151,6 @@ class ValidationSearch:
         )
         self.preference[method] = {**report.to_dict(), **record}
         return [EditCandidate(method, c.layers, {i: vectors[i] for i in c.layers}) for c in candidates]
-
-    def _preference_settings(self) -> PreferenceSettings:
-        s = self.job.settings
-        return PreferenceSettings(
-            epochs=s.preference_epochs,
-            lr=s.preference_lr,
-            kl_weight=s.preference_kl_weight,
-            kl_on=s.preference_kl_on,
-            kl_budget=s.preference_kl_budget,
-            freeze_probe=s.preference_freeze_probe,
-            seed=s.seed + self.fold_index,
-        )
 
     def _training_alpha(self, candidate: EditCandidate) -> float:
         """The strength the preference stage trains ``candidate`` at: 1, or with
