@@ -91,6 +91,7 @@ class KLCalibration:
     target_kl: float
     evaluations: tuple[tuple[float, float], ...]
     reused: int = 0  # how many of ``evaluations`` came from ``known`` (measured by an earlier search)
+    in_band: bool = True  # False: the budget was out of reach or the search stopped short of the band
 
     @property
     def passes(self) -> int:
@@ -104,6 +105,7 @@ class KLCalibration:
             "target_kl": self.target_kl,
             "evaluations": [[a, k] for a, k in self.evaluations],
             "reused": self.reused,
+            "in_band": self.in_band,
         }
 
 
@@ -205,6 +207,7 @@ def kl_calibration(
     max_alpha: float = 64.0,
     max_evaluations: int = 24,
     known: Sequence[tuple[float, float]] = (),
+    strongest_if_out_of_reach: bool = False,
 ) -> KLCalibration:
     """The largest measured ``alpha`` with KL ≤ ``target_kl``, found once one lies within
     ``[target_kl·(1 − tolerance), target_kl]`` (module docstring).
@@ -216,7 +219,9 @@ def kl_calibration(
     ``neutral`` is measured as is; without a reference yet, it gets one from ``unedited_context(model)``
     (the adapter off). Raises ``ValueError`` when even ``max_alpha`` stays below the band (the edit
     saturates), or when ``max_evaluations`` pass without any alpha within budget; when they pass with
-    one, the best is returned with a logged warning.
+    one, the best is returned with a logged warning. With ``strongest_if_out_of_reach`` a budget out
+    of reach returns, instead of raising, the measured alpha with the largest KL within it
+    (``in_band=False``): the strongest edit the budget allows, for comparisons "at KL ≤ target".
     """
     _check_inputs(target_kl, tolerance, start_alpha, max_alpha, max_evaluations)
     if not callable(edit):
@@ -233,12 +238,15 @@ def kl_calibration(
     while alpha is not None and not search.done and len(search.evaluations) - reused < max_evaluations:
         search.record(alpha, _measure(model, neutral, edit, alpha))
         alpha = None if search.done else search.next_alpha(max_alpha)
-    return _result(search, max_alpha, reused)
+    return _result(search, max_alpha, reused, strongest_if_out_of_reach)
 
 
-def _result(search: _Search, max_alpha: float, reused: int) -> KLCalibration:
+def _result(search: _Search, max_alpha: float, reused: int, strongest_if_out_of_reach: bool) -> KLCalibration:
     low, evaluations = search.low, tuple(search.evaluations)
-    if search.high is None and low is not None and low[0] >= max_alpha and not search.done:
+    out_of_reach = search.high is None and low is not None and low[0] >= max_alpha and not search.done
+    if out_of_reach and strongest_if_out_of_reach:
+        return _strongest_within_budget(search, reused)
+    if out_of_reach:
         raise ValueError(
             f"the KL budget {search.target:.4g} cannot be reached: KL at max_alpha {max_alpha:g} is "
             f"{low[1]:.4g}; the edit saturates: lower target_kl, raise max_alpha, or edit more layers."
@@ -256,8 +264,24 @@ def _result(search: _Search, max_alpha: float, reused: int) -> KLCalibration:
             len(evaluations), search.floor, search.target, low[0], low[1],
         )  # fmt: skip
     return KLCalibration(
-        alpha=low[0], kl=low[1], target_kl=search.target, evaluations=evaluations, reused=reused
-    )
+        alpha=low[0], kl=low[1], target_kl=search.target, evaluations=evaluations, reused=reused,
+        in_band=search.done,
+    )  # fmt: skip
+
+
+def _strongest_within_budget(search: _Search, reused: int) -> KLCalibration:
+    """The measured point with the largest KL within the budget (not the largest alpha: past π an
+    HPR angle turns tokens back, so KL can fall as alpha grows)."""
+    alpha, kl = max((p for p in search.evaluations if p[1] <= search.target), key=lambda p: p[1])
+    logger.warning(
+        "the KL budget %.4g is out of reach; the strongest edit measured within it is alpha %.4g with "
+        "KL %.4g.",
+        search.target, alpha, kl,
+    )  # fmt: skip
+    return KLCalibration(
+        alpha=alpha, kl=kl, target_kl=search.target, evaluations=tuple(search.evaluations),
+        reused=reused, in_band=False,
+    )  # fmt: skip
 
 
 def calibrate_on_neutral(

@@ -67,6 +67,7 @@ class Measurement:
             **row,
             "alpha": self.calibration.alpha,
             "kl": self.calibration.kl,
+            "in_band": self.calibration.in_band,
             "calibration_evaluations": len(self.calibration.evaluations),
             "calibration_passes": self.calibration.passes,
             "mc1": self.result.mc1_mean,
@@ -134,7 +135,9 @@ class BudgetedMeasure:
         return self.replay is not None and self.replay.covers(candidate)
 
     def calibrate(self, candidate: EditCandidate, target_kl: float) -> KLCalibration | None:
-        """α at which ``candidate`` meets ``target_kl`` on the neutral text (None: out of reach)."""
+        """α at which ``candidate`` meets ``target_kl`` on the neutral text; when no α reaches it, the
+        measured α with the largest KL within it (``in_band=False``: compared "at KL ≤ target"); None
+        when no α stays within it."""
         edit = candidate.edit(self.model)
         if self._replays(candidate):
             assert self.replay is not None
@@ -149,6 +152,7 @@ class BudgetedMeasure:
                 tolerance=self.tolerance,
                 max_alpha=self.max_alpha,
                 known=points,
+                strongest_if_out_of_reach=True,
             )
         except ValueError as exc:
             logger.warning("%s %s at KL %g: %s", candidate.method, list(candidate.layers), target_kl, exc)

@@ -62,7 +62,14 @@ def _ci(ci: dict[str, float] | None) -> str:
 
 def _choices(per_fold: list[dict[str, Any]], key: str) -> str:
     picks = [fo["chosen"].get(key) for fo in per_fold]
-    return "; ".join(f"{p['layers']} α={p['alpha']:.3g}" for p in picks if p)
+    return "; ".join(f"{p['layers']} α={p['alpha']:.3g}{_short_of_budget(p)}" for p in picks if p)
+
+
+def _short_of_budget(pick: dict[str, Any]) -> str:
+    """A mark for a pick calibrated short of its budget (out of reach: the strongest α within it)."""
+    if pick.get("in_band", True):
+        return ""
+    return f" (calibrated KL {pick['kl']:.3g}: short of the budget)"
 
 
 def _method_row(name: str, target: float | None, row: dict[str, Any], chosen: str) -> str:

@@ -73,6 +73,7 @@ def test_steps_up_at_most_doubling_then_aims_by_the_square_law():
         "target_kl": 0.5,
         "evaluations": [list(e) for e in result.evaluations],
         "reused": 0,
+        "in_band": True,
     }
 
 
@@ -159,6 +160,23 @@ def test_a_kl_falling_as_alpha_grows_is_logged(caplog):
     with caplog.at_level(logging.WARNING, LOGGER), pytest.raises(ValueError, match="cannot be reached"):
         calibrate(lambda a: 0.01 * a**2 if a <= 4 else 0.01, 0.5)
     assert "not monotone" in caplog.text
+
+
+def test_an_out_of_reach_budget_can_settle_for_the_strongest_edit_within_it(caplog):
+    """KL peaks at 0.16 (alpha 4) then falls: the largest KL within budget wins, not the largest alpha."""
+    curve = lambda a: 0.01 * a**2 if a <= 4 else 0.16 / (a - 3)  # noqa: E731
+    with caplog.at_level(logging.WARNING, LOGGER):
+        result = calibrate(curve, 0.5, strongest_if_out_of_reach=True)
+    within = [(a, k) for a, k in result.evaluations if k <= 0.5]
+    assert not result.in_band and result.to_dict()["in_band"] is False
+    assert result.kl == max(k for _, k in within) and result.kl == pytest.approx(curve(result.alpha))
+    assert result.alpha < max(a for a, _ in within)  # alpha 64 is within budget but weaker
+    assert "out of reach; the strongest edit measured within it" in caplog.text
+
+
+def test_a_budget_met_in_band_says_so():
+    assert calibrate(lambda a: 0.01 * a**2, 0.5, strongest_if_out_of_reach=True).in_band
+    assert not calibrate(lambda a: 0.01 * a**2, 0.5, max_evaluations=2).in_band
 
 
 def test_a_nan_kl_is_an_error():

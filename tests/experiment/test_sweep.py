@@ -58,6 +58,16 @@ def test_replayed_measurement_equals_the_full_one():
     assert a.calibration == b.calibration and a.result.mc2 == b.result.mc2
 
 
+def test_a_budget_out_of_reach_is_scored_at_the_strongest_alpha_within_it():
+    model, neutral, scorer = _setup()
+    candidate = EditCandidate("hpr", (2,))
+    got = BudgetedMeasure(model, neutral, 0.1, max_alpha=2.0).measure(candidate, 5.0, scorer, "validation")
+    assert got.reached and not got.calibration.in_band
+    assert got.calibration.kl == max(k for _, k in got.calibration.evaluations) < 5.0
+    row = got.row(0, scorer.score(model, context=model.disable_adapter, progress=False))
+    assert row["in_band"] is False and row["kl"] == got.calibration.kl and "mc2" in row
+
+
 def test_an_unreachable_budget_is_recorded_not_raised():
     model, neutral, scorer = _setup()
     measure = BudgetedMeasure(model, neutral, 0.1, max_alpha=1e-3)
