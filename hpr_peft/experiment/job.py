@@ -469,18 +469,8 @@ def _selectivity(prompts: LayerRecord, neutral: LayerRecord) -> dict[str, Any]:
 
 def _save_adapter(model: Any, hpr_pick: Measurement, directory: Path) -> None:
     """Save the adapter with the chosen layers and strength, then restore the model's own settings."""
-    tuner = hpr_tuner(model)
-    previous_layers, previous_alpha = (
-        tuner.selected_layers(),
-        tuner.peft_config[tuner.resolve_adapter(None)].alpha,
-    )
-    tuner.set_selected_layers(list(hpr_pick.candidate.layers))
-    tuner.set_alpha(hpr_pick.alpha)
-    try:
+    with hpr_tuner(model).configured(alpha=hpr_pick.alpha, layers=hpr_pick.candidate.layers):
         save_shareable_adapter(model, directory)  # atomic, with HPR's model card
-    finally:
-        tuner.set_selected_layers(previous_layers)
-        tuner.set_alpha(previous_alpha)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from hpr_peft.data import MCQuestion
+from hpr_peft.evaluation.calibration import KLCalibration
 from hpr_peft.evaluation.truthfulqa import TruthfulQAScorer
 from hpr_peft.experiment.layer_search import effect_ranking, layer_sets, ranking_comparison, screening_pool
 from hpr_peft.experiment.methods import EditCandidate, candidates_for
@@ -122,7 +123,8 @@ class ValidationSearch:
         s, model = self.job.settings, self.job.model
         largest = max(candidates, key=lambda c: len(c.layers))
         train_ids, stop_ids = self.preference_split()
-        alpha = self._training_alpha(largest)
+        calibration = self._training_calibration(largest)
+        alpha = 1.0 if calibration is None else calibration.alpha
         self.measure.forget_kl_points(method)  # the KL curve changes with the trained weights
         common = {
             "settings": s.preference_settings(seed=s.seed + self.fold_index),
@@ -131,18 +133,16 @@ class ValidationSearch:
             "progress": s.progress,
         }
         pairs = self.job.pairs_of(train_ids, s.preference_pairs_per_question)
-        record = {"epoch_choice_ids": stop_ids, "training_alpha": alpha}
+        record = {
+            "epoch_choice_ids": stop_ids,
+            "training_alpha": alpha,
+            "training_calibration": None if calibration is None else calibration.to_dict(),
+        }
         if method == "hpr":
-            tuner = hpr_tuner(model)
-            tuner.set_selected_layers(list(largest.layers))
-            previous_alpha = tuner.peft_config[tuner.resolve_adapter(None)].alpha
-            tuner.set_alpha(alpha)
-            try:
+            with hpr_tuner(model).configured(alpha=alpha, layers=largest.layers):
                 report = fit_preference(
                     model, self.job.tokenizer, pairs, layers=list(largest.layers), **common
                 )
-            finally:
-                tuner.set_alpha(previous_alpha)
             self.preference[method] = {**report.to_dict(), **record}
             return candidates
         assert largest.vectors is not None
@@ -152,15 +152,14 @@ class ValidationSearch:
         self.preference[method] = {**report.to_dict(), **record}
         return [EditCandidate(method, c.layers, {i: vectors[i] for i in c.layers}) for c in candidates]
 
-    def _training_alpha(self, candidate: EditCandidate) -> float:
-        """The strength the preference stage trains ``candidate`` at: 1, or with
-        ``preference_at_budget`` the α that meets the largest KL target (1 if it cannot be met), so the
-        training sees the edit at the strength it is then calibrated to."""
+    def _training_calibration(self, candidate: EditCandidate) -> KLCalibration | None:
+        """With ``preference_at_budget``, ``candidate`` calibrated to the largest KL target: the
+        preference stage trains at its α, the strength the edit is then calibrated to (None: train
+        at α = 1, without the option or when no α stays within the budget)."""
         s = self.job.settings
         if not s.preference_at_budget:
-            return 1.0
-        calibration = self.measure.calibrate(candidate, max(s.kl_targets))
-        return 1.0 if calibration is None else calibration.alpha
+            return None
+        return self.measure.calibrate(candidate, max(s.kl_targets))
 
     def choose(self, method: str) -> dict[float, Measurement | None]:
         """Per KL target the candidate of ``method`` with the best validation MC2 at that budget."""

@@ -3,7 +3,8 @@
 ``edit_settings(model, alpha=..., layers=...)`` changes the strength and/or which blocks edit for the
 duration of a ``with`` block, without rebuilding anything, and restores the previous settings on exit
 (also when the block raises). Persistent equivalents: ``HPRModel.set_alpha`` and
-``HPRModel.set_selected_layers`` (these also update the saved config).
+``HPRModel.set_selected_layers`` (these also update the saved config), and ``HPRModel.configured``, which
+sets both for a ``with`` block (say, to save or train at a chosen strength) and restores them.
 
 ``monitor(model)`` runs the probes *without editing* (the model then computes exactly the base
 model's outputs) and records, per edited block: how many eligible tokens there were, how many the

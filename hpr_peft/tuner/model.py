@@ -13,7 +13,8 @@ name). Merging is impossible (the edit depends on the input) and raises ``NotImp
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -265,6 +266,30 @@ class HPRModel(BaseTuner):
         for index, layer in hpr_layers.items():
             layer.hpr_selected[adapter_name] = index in chosen
         self.peft_config[adapter_name].selected_layers = None if layers is None else sorted(chosen)
+
+    @contextmanager
+    def configured(
+        self,
+        alpha: float | None = None,
+        layers: Iterable[int] | None = None,
+        adapter_name: str | None = None,
+    ) -> Iterator[None]:
+        """Persistently set ``alpha`` and/or the selected ``layers`` (``None``: unchanged) for a ``with``
+        block, then restore the adapter's own settings, also when the block raises. Use it for what
+        reads the config (saving, training); it is process-wide like the setters, so one thread's
+        forwards take ``edit_settings`` instead."""
+        adapter_name = self.resolve_adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        previous_alpha, previous_layers = config.alpha, config.selected_layers
+        try:
+            if alpha is not None:
+                self.set_alpha(alpha, adapter_name)
+            if layers is not None:
+                self.set_selected_layers(layers, adapter_name)
+            yield
+        finally:
+            self.set_alpha(previous_alpha, adapter_name)
+            self.set_selected_layers(previous_layers, adapter_name)
 
     def selected_layers(self, adapter_name: str | None = None) -> list[int]:
         """Block indices that currently edit for ``adapter_name`` (in this thread, inside any

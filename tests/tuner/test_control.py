@@ -95,6 +95,28 @@ def test_persistent_setters_update_the_saved_config(tmp_path):
         tuner.set_alpha(math.inf)
 
 
+def test_configured_sets_the_saved_settings_for_a_block_and_restores_them_on_exception(tmp_path):
+    model = random_hpr_model("gpt2", target_layers=[1, 2, 3])
+    tuner = model.base_model
+    ids = token_ids()
+    before = _logits(model, ids)
+    with tuner.configured(alpha=0.5, layers=[2]):
+        assert tuner.selected_layers() == [2] and edited_fraction(model, ids, layer=1) == 0.0
+        model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["alpha"] == 0.5 and saved["selected_layers"] == [2]
+    config = tuner.peft_config["default"]
+    assert config.alpha == 1.0 and config.selected_layers is None  # None (all targets), not a list
+    assert tuner.selected_layers() == [1, 2, 3] and torch.equal(_logits(model, ids), before)
+    with pytest.raises(RuntimeError, match="inside"), tuner.configured(alpha=2.0):
+        assert config.alpha == 2.0
+        raise RuntimeError("inside")
+    assert config.alpha == 1.0
+    with pytest.raises(ValueError), tuner.configured(alpha=3.0, layers=[7]):  # not a target: refused
+        pass
+    assert config.alpha == 1.0 and torch.equal(_logits(model, ids), before)
+
+
 def test_monitor_records_probe_results_without_editing():
     model = random_hpr_model("llama", target_layers=[1, 2])
     ids = token_ids(batch=3, seq=10, seed=6)
