@@ -138,6 +138,13 @@ def _add_objective_arguments(parser: argparse.ArgumentParser) -> None:
         help="Mean KL per token (nats) the preference loss lets pass for free; only the KL above it costs.",
     )
     parser.add_argument(
+        "--pref-editor-lr",
+        type=float,
+        default=None,
+        help="Learning rate of the probes and angle nets in the preference stage (default: --pref-lr). "
+        "They read raw hidden states, so one step moves their outputs by up to lr * |h|_1.",
+    )
+    parser.add_argument(
         "--pref-freeze-probe",
         action="store_true",
         help="Train only the angle nets and gains in the preference stage; the probes keep their weights.",
@@ -326,6 +333,7 @@ def _preference_settings(args: argparse.Namespace):
         kl_on=args.kl_on,
         kl_budget=args.kl_budget,
         freeze_probe=args.pref_freeze_probe,
+        editor_lr=args.pref_editor_lr,
         seed=args.seed,
     )
     settings.validate()

@@ -188,6 +188,13 @@ def _add_objective_arguments(parser: argparse.ArgumentParser) -> None:
         "instead of alpha 1, so the preference stage sees the edit at the strength it is used at",
     )
     parser.add_argument(
+        "--preference-editor-lr",
+        type=float,
+        default=None,
+        help="learning rate of HPR's probes and angle nets in the preference stage (default: "
+        "--preference-lr); they read raw hidden states, so one step moves their outputs by up to lr * |h|_1",
+    )
+    parser.add_argument(
         "--preference-freeze-probe",
         action="store_true",
         help="train only HPR's angle nets and gains in the preference stage; the probes (gate and, with "
@@ -226,6 +233,7 @@ def settings_from_args(args: argparse.Namespace):
         "preference_kl_budget": args.preference_kl_budget,
         "preference_at_budget": True if args.preference_at_budget else None,
         "preference_freeze_probe": True if args.preference_freeze_probe else None,
+        "preference_editor_lr": args.preference_editor_lr,
         "validation_fraction": args.validation_fraction,
         "max_validation_questions": args.max_validation_questions,
         "epochs": args.epochs,

@@ -67,6 +67,7 @@ class JobSettings:
     preference_kl_on: str = "prompts"
     preference_kl_budget: float = 0.0
     preference_freeze_probe: bool = False
+    preference_editor_lr: float | None = None
     preference_at_budget: bool = False
     preference_stop_fraction: float = 0.2
     rotation_direction: str = "probe"
@@ -144,6 +145,7 @@ class JobSettings:
             kl_on=self.preference_kl_on,
             kl_budget=self.preference_kl_budget,
             freeze_probe=self.preference_freeze_probe,
+            editor_lr=self.preference_editor_lr,
             seed=seed,
         )
 

@@ -79,7 +79,10 @@ class PreferenceSettings:
     penalty lets pass for free; ``freeze_probe`` keeps each editor's probe fixed, so only the
     angle net and gain learn: the gate and, with ``rotation_direction="probe"``, the direction stay
     the paper fit's. Steering vectors have no probe, so it does not change
-    :func:`fit_preference_vectors`)."""
+    :func:`fit_preference_vectors`; ``editor_lr`` is the learning rate of HPR's probes and angle
+    nets, None: ``lr``. They read raw hidden states, whose L1 norm is in the thousands on the bundled
+    models, so one AdamW step of ``lr`` moves their outputs by up to ``lr · |h|₁``: at 5e-3 that is
+    tens of logits per step, which saturates the angle net's sigmoid at 0 or π within an epoch.)"""
 
     epochs: int = 1
     lr: float = 5e-3
@@ -93,6 +96,7 @@ class PreferenceSettings:
     max_length: int = 256
     share_prefix: bool = True
     freeze_probe: bool = False
+    editor_lr: float | None = None
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "max_length"):
@@ -105,6 +109,16 @@ class PreferenceSettings:
                 raise ValueError(
                     f"PreferenceSettings.{name} must be a positive finite number, got {value!r}."
                 )
+        editor_lr = self.editor_lr
+        if editor_lr is not None and (
+            isinstance(editor_lr, bool)
+            or not isinstance(editor_lr, (int, float))
+            or not math.isfinite(editor_lr)
+            or editor_lr <= 0
+        ):
+            raise ValueError(
+                f"PreferenceSettings.editor_lr must be a positive finite number or None (None: lr), got {editor_lr!r}."
+            )
         zero_means = {"kl_weight": "no KL term", "kl_budget": "every nat of KL costs", "weight_decay": "none"}
         for name, meaning in zero_means.items():
             value = getattr(self, name)
@@ -365,6 +379,7 @@ class _Trainee:
     layers: list[int]
     parameters: list[nn.Parameter]
     steering: ContextFactory | None = None
+    reads_hidden_states: list[nn.Parameter] = field(default_factory=list)  # editor_lr's parameters
 
 
 @dataclass
@@ -380,6 +395,17 @@ class _Run:
     neutral: list[list[int]]
     prefix_ids: list[int]
     pad_id: int
+    reads_hidden_states: list[nn.Parameter] = field(default_factory=list)
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: the parameters reading hidden states at ``editor_lr`` (when set), the rest at ``lr``."""
+        s = self.settings
+        if s.editor_lr is None or not self.reads_hidden_states:
+            return [{"params": self.parameters}]
+        readers = {id(p) for p in self.reads_hidden_states}
+        rest = [p for p in self.parameters if id(p) not in readers]
+        groups = [{"params": self.reads_hidden_states, "lr": s.editor_lr}]
+        return groups + ([{"params": rest}] if rest else [])
 
 
 def fit_preference(
@@ -511,6 +537,7 @@ def _prepare(
         neutral,
         train[0].prompt[:prefix],
         pad_token_id(tokenizer),
+        trainee.reads_hidden_states,
     )
 
 
@@ -545,15 +572,17 @@ def _editor_trainee(
         )
     if not chosen:
         raise ValueError("layers is empty: name at least one editing layer to train.")
-    parameters = []
+    readers, gains = [], []
     for index in chosen:
         layer = hpr_layers[index]
-        modules = [layer.hpr_angle[adapter], layer.hpr_gain[adapter]]
-        if not freeze_probe:
-            modules.insert(0, layer.hpr_probe[adapter])
-        for module in modules:
-            parameters += list(module.parameters())
-    return _Trainee(chosen, parameters)
+        modules = (
+            [layer.hpr_angle[adapter]]
+            if freeze_probe
+            else [layer.hpr_probe[adapter], layer.hpr_angle[adapter]]
+        )
+        readers += [p for module in modules for p in module.parameters()]
+        gains += list(layer.hpr_gain[adapter].parameters())
+    return _Trainee(chosen, [*readers, *gains], reads_hidden_states=readers)
 
 
 def _vector_trainee(model: Any, vectors: dict[int, torch.Tensor], alpha: float) -> _Trainee:
@@ -644,7 +673,7 @@ class _OnlyTheseLearn:
 
 def _train(run: _Run, runner: _Runner, progress: bool) -> PreferenceReport:
     s = run.settings
-    optimizer = torch.optim.AdamW(run.parameters, lr=s.lr, weight_decay=s.weight_decay)
+    optimizer = torch.optim.AdamW(run.parameter_groups(), lr=s.lr, weight_decay=s.weight_decay)
     report = PreferenceReport(
         layers=run.layers,
         epochs=[],

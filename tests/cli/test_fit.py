@@ -165,7 +165,7 @@ def test_fit_cli_preference_objective_fine_tunes_the_selected_layers(tiny_dir, t
     argv += ["--epochs", "1", "--seed", "1", "--no-progress"]
     assert run_fit([*argv, "--output", str(tmp_path / "paper")]) == 0
     pref = ["--objective", "preference", "--pref-epochs", "2", "--kl-weight", "0.5", "--kl-on", "neutral"]
-    pref += ["--pref-freeze-probe", "--kl-budget", "0.02"]
+    pref += ["--pref-freeze-probe", "--kl-budget", "0.02", "--pref-editor-lr", "1e-4"]
     assert run_fit([*argv, *pref, "--output", str(tmp_path / "pref")]) == 0
     assert "preference fit of layers" in capsys.readouterr().out
     report = json.loads((tmp_path / "pref" / "preference.json").read_text())
@@ -173,6 +173,7 @@ def test_fit_cli_preference_objective_fine_tunes_the_selected_layers(tiny_dir, t
     assert report["layers"] == config["selected_layers"] and len(report["epochs"]) == 2
     assert report["settings"]["kl_on"] == "neutral" and report["settings"]["kl_weight"] == 0.5
     assert report["settings"]["freeze_probe"] is True and report["settings"]["kl_budget"] == 0.02
+    assert report["settings"]["editor_lr"] == 1e-4
     assert report["n_pairs"] + report["n_val_pairs"] == 24 and report["val_after"] is not None
     assert not (tmp_path / "paper" / "preference.json").exists()
     rc = run_fit([*argv, "--objective", "preference", "--kl-weight", "-1", "--output", str(tmp_path / "bad")])

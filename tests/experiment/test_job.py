@@ -46,6 +46,8 @@ def test_settings_validation():
         JobSettings(preference_kl_on="everywhere").validate()
     with pytest.raises(ValueError, match="freeze_probe must be True or False"):
         JobSettings(preference_freeze_probe="yes").validate()
+    with pytest.raises(ValueError, match="editor_lr must be a positive finite number or None"):
+        JobSettings(preference_editor_lr=-1e-5).validate()
     with pytest.raises(ValueError, match="preference_at_budget must be True or False"):
         JobSettings(preference_at_budget=1).validate()
     with pytest.raises(ValueError, match="kl_budget"):
@@ -242,6 +244,8 @@ def test_paper_config_applies_the_papers_choices():
             "--preference-at-budget",
             "--preference-kl-budget",
             "0.1",
+            "--preference-editor-lr",
+            "1e-5",
         ]
     )
     settings = settings_from_args(args)
@@ -254,6 +258,7 @@ def test_paper_config_applies_the_papers_choices():
     assert settings.preference_freeze_probe and not JobSettings().preference_freeze_probe
     assert settings.preference_kl_budget == 0.1 and JobSettings().preference_kl_budget == 0.0
     assert settings.preference_at_budget and not JobSettings().preference_at_budget
+    assert settings.preference_settings().editor_lr == 1e-5 and JobSettings().preference_editor_lr is None
     assert settings_from_args(build_parser("main").parse_args(["main"])).preference_freeze_probe is False
 
 

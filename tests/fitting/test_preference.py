@@ -146,6 +146,26 @@ def test_freeze_probe_trains_angle_net_and_gain_only():
     assert probe.requires_grad  # the flags of before are restored
 
 
+def test_editor_lr_sets_the_step_of_probes_and_angle_nets_but_not_of_the_gain():
+    """The probe and angle net (inputs: raw hidden states) move with editor_lr, the gain with lr;
+    editor_lr equal to lr is the default, bit for bit."""
+    runs = {}
+    for name, editor_lr in {"default": None, "same": 2e-2, "small": 1e-6}.items():
+        model = fitted_model()
+        start = editor_state(model, 1)
+        report = fit_preference(
+            model, TOKENIZER, pairs(8), settings=settings(epochs=1, editor_lr=editor_lr), progress=False
+        )
+        end = editor_state(model, 1)
+        runs[name] = {k: (end[k] - start[k]).abs().max().item() for k in start}, report
+    default, same, small = (runs[k][0] for k in ("default", "same", "small"))
+    assert default == same and runs["same"][1].settings["editor_lr"] == 2e-2
+    for key in default:
+        if key.startswith(("probe.", "angle.")):
+            assert 0 < small[key] <= 1e-5 < default[key], key  # Adam moves a weight by ~lr per step
+    assert small["gain.weight"] > 1e-3  # still at lr
+
+
 def test_only_the_chosen_editors_change_and_state_is_restored():
     model = fitted_model()
     base = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "hpr_" not in k}
@@ -261,6 +281,14 @@ def test_bad_inputs_give_clear_errors():
         (dict(settings=PreferenceSettings(kl_budget=float("nan"))), "kl_budget must be a finite number >= 0"),
         (dict(settings=PreferenceSettings(epochs=0)), "epochs"),
         (dict(settings=PreferenceSettings(freeze_probe="yes")), "freeze_probe must be True or False"),
+        (
+            dict(settings=PreferenceSettings(editor_lr=0.0)),
+            "editor_lr must be a positive finite number or None",
+        ),
+        (
+            dict(settings=PreferenceSettings(editor_lr=True)),
+            "editor_lr must be a positive finite number or None",
+        ),
         (dict(layers=[0]), "not target layers"),
         (dict(layers=[3]), "do not edit"),
         (dict(settings=PreferenceSettings(kl_on="neutral")), "neutral_paragraphs"),
@@ -366,17 +394,18 @@ def test_on_an_hpr_model_the_adapter_is_off_and_nothing_of_the_model_changes():
     assert float((with_adapter - margins).abs().max()) > 1e-3
 
 
-def test_trained_vectors_are_deterministic_for_a_seed():
+def test_trained_vectors_are_deterministic_for_a_seed_and_ignore_editor_lr():
+    """A steering vector reads no hidden state: editor_lr (HPR's probes and angle nets) leaves it be."""
     runs = [
         fit_preference_vectors(
             make_tiny_causal_lm("llama"),
             TOKENIZER,
             pairs(),
             start_vectors(),
-            settings=settings(seed=5),
+            settings=settings(seed=5, editor_lr=editor_lr),
             progress=False,
         )
-        for _ in range(2)
+        for editor_lr in (None, 1e-9)
     ]
     (a, report_a), (b, report_b) = runs
     assert [e.loss for e in report_a.epochs] == [e.loss for e in report_b.epochs]
